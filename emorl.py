@@ -1,0 +1,161 @@
+"""emorl — the command line of EMORL (Kong et al., 2025): train one adapter per objective, search the
+aggregation weights, generate and evaluate.
+
+    python emorl.py train reflection|empathy|fluency|uniform|dynaopt|all   # §4 training stage (scst.py)
+    python emorl.py search      # §4.2, Algorithm 1: hierarchical grid search of the weights (search.py)
+    python emorl.py generate --weights 0.8,0.5,0.05 "client statement"     # §4.1, Eq. (2)
+    python emorl.py evaluate    # §5, Tables 1 and 2
+    python emorl.py convert SRC DST          # a .pt/.bin scorer checkpoint -> safetensors
+    python emorl.py build-default            # rebuild the embedded small models under data/default/
+
+Every command defaults to the embedded assets under data/ and takes flags pointing at real ones.
+A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ASSETS = os.path.join(HERE, "data", "default")
+DEFAULT_DATA = os.path.join(HERE, "data", "pair_sample.csv")
+SCORER_NAMES = ("reflection", "empathy", "fluency")
+
+
+# ----------------------------------------------------------------------------- shared loading
+def add_model_flags(parser, scorers=True):
+    parser.add_argument("--policy", default=os.path.join(DEFAULT_ASSETS, "policy"), help="T5 directory (HF layout)")
+    if scorers:
+        for name in SCORER_NAMES:
+            parser.add_argument(f"--{name}", default=os.path.join(DEFAULT_ASSETS, name), help=f"{name} scorer directory")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+
+
+def add_data_flags(parser):
+    parser.add_argument("--data", default=DEFAULT_DATA, help="PAIR .csv or Psych8k .json file")
+    parser.add_argument("--sample", type=float, default=1.0, help="use this fraction of the data (e.g. 0.1)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
+
+
+def load_policy(args):
+    import t5
+    model, tokenizer = t5.load_t5(args.policy, device=args.device)
+    return model, tokenizer
+
+
+def load_scorers(args, names=SCORER_NAMES):
+    import rewards
+    return rewards.load_scorers({name: getattr(args, name) for name in names}, device=args.device)
+
+
+def load_splits(args) -> dict:
+    import data
+    examples = data.load_dataset(args.data)
+    if args.sample < 1.0:
+        examples = data.subsample(examples, args.sample, args.split_seed)
+    return data.split_dataset(examples, args.split_seed)
+
+
+def newest_adapters(runs_dir: str, names=SCORER_NAMES) -> list[str]:
+    """The newest finished run per objective under runs/ (by summary.json time)."""
+    from t5 import InputError
+    found = []
+    for name in names:
+        summaries = glob.glob(os.path.join(runs_dir, f"{name}-*", "summary.json"))
+        if not summaries:
+            raise InputError(f"no finished '{name}' run under {runs_dir}/: run `python emorl.py train {name}` first, or pass --adapters")
+        found.append(os.path.join(os.path.dirname(max(summaries, key=os.path.getmtime)), "adapter"))
+    return found
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args):
+    import scst
+
+    objectives = list(SCORER_NAMES) if args.objective == "all" else [args.objective]
+    splits = load_splits(args)
+    scorers = load_scorers(args)
+    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
+    for objective in objectives:
+        run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
+            continue
+        model, tokenizer = load_policy(args)
+        args.objective = objective
+        summary = scst.train(model, tokenizer, scorers, splits["train"], validation_prompts, args, run_dir)
+        print(f"{objective}: {summary['steps']} steps, {summary['data_points']} data points, "
+              f"{summary['wall_seconds']:.1f}s, converged {summary['converged']}, "
+              f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})")
+
+
+def cmd_convert(args):
+    import rewards
+    mapping = rewards.convert_checkpoint(args.src, args.dst)
+    for source, target in mapping:
+        print(f"{source} -> {target}")
+    print(f"wrote {args.dst} ({len(mapping)} tensors)")
+
+
+def cmd_build_default(args):
+    from data import build_default
+    build_default.build(args.out, seed=args.seed, scale=args.scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emorl.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
+    train.add_argument("objective", choices=["reflection", "empathy", "fluency", "uniform", "dynaopt", "all"])
+    add_model_flags(train)
+    add_data_flags(train)
+    train.add_argument("--runs", default="runs", help="output folder; each run goes to RUNS/<objective>-<seed>/")
+    train.add_argument("--max-steps", type=int, default=10_000)
+    train.add_argument("--batch-size", type=int, default=16, help="prompts per step")
+    train.add_argument("--samples-per-prompt", type=int, default=3, help="k samples per prompt (SCST)")
+    train.add_argument("--max-new-tokens", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--beta", type=float, default=0.05, help="KL coefficient")
+    train.add_argument("--grad-clip", type=float, default=2.0)
+    train.add_argument("--val-every", type=int, default=8, help="validate every N steps")
+    train.add_argument("--val-prompts", type=int, default=32, help="fixed validation prompts (aggregation split)")
+    train.add_argument("--cv-window", type=int, default=20, help="convergence: last N validation rewards")
+    train.add_argument("--cv-tolerance", type=float, default=0.015, help="convergence: coefficient of variation below this")
+    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum", help="multi-objective reward")
+    train.add_argument("--gamma", type=float, default=0.07, help="DynaOpt's Exp3 exploration rate")
+    train.set_defaults(func=cmd_train)
+
+    convert = commands.add_parser("convert", help="turn a PyTorch .pt/.bin scorer checkpoint into safetensors")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(func=cmd_convert)
+
+    build = commands.add_parser("build-default", help="rebuild the embedded small models (data/build_default.py)")
+    build.add_argument("--out", default=DEFAULT_ASSETS)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--scale", type=float, default=1.0, help="fraction of the training budget (tests use less)")
+    build.set_defaults(func=cmd_build_default)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from t5 import InputError
+    try:
+        args.func(args)
+    except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
