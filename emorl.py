@@ -92,6 +92,67 @@ def cmd_train(args):
               f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})")
 
 
+def load_adapters(args, model) -> list[str]:
+    """Load the objective adapters (--adapters, or the newest finished runs) into `model` by objective name."""
+    import lora
+    from t5 import InputError
+    directories = args.adapters or newest_adapters(args.runs)
+    if len(directories) != len(SCORER_NAMES):
+        raise InputError(f"--adapters: expected {len(SCORER_NAMES)} folders ({', '.join(SCORER_NAMES)}), got {len(directories)}")
+    for name, directory in zip(SCORER_NAMES, directories):
+        lora.load_adapter(model, directory, name)
+    return [os.path.abspath(d) for d in directories]
+
+
+def cmd_search(args):
+    import search
+    import torch
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args)
+    adapters = load_adapters(args, model)
+    scorers = load_scorers(args)
+    prompts = [e.prompt for e in load_splits(args)["aggregation"]]
+    objective = search.make_objective(model, tokenizer, list(SCORER_NAMES), scorers, prompts, level=args.level,
+                                      batch_size=args.batch_size, device=args.device)
+    meta = {"adapters": adapters, "level": args.level, "data": os.path.abspath(args.data), "sample": args.sample,
+            "split_seed": args.split_seed, "prompts": len(prompts)}
+    svg = os.path.splitext(args.out)[0] + ".svg"
+    search.run_search(objective, SCORER_NAMES, out_path=args.out, iterations=args.iterations, svg_path=svg, meta=meta)
+
+
+def cmd_generate(args):
+    import data
+    import search
+    import torch
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args)
+    load_adapters(args, model)
+    weights = search.parse_weights(args.weights, len(SCORER_NAMES))
+    ids, mask = tokenizer.batch_encode([data.policy_input(t) for t in args.text], max_length=128, device=args.device)
+    model.eval()
+    tokens = search.ensemble_generate(model, list(SCORER_NAMES), weights, ids, mask, level=args.level,
+                                      max_new_tokens=args.max_new_tokens)
+    for text in tokenizer.batch_decode(tokens):
+        print(text)
+
+
+def cmd_evaluate(args):
+    import evaluate
+    import t5
+    import torch
+    torch.manual_seed(args.seed)
+    search_result = t5.read_json(args.search) if os.path.exists(args.search) else None
+    if search_result is None:
+        print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
+    prompts = [e.prompt for e in load_splits(args)["inference"]]
+    results = evaluate.evaluate(lambda: load_policy(args), load_scorers(args), prompts, args.runs, search_result,
+                                batch_size=args.batch_size, device=args.device)
+    markdown, table_csv = evaluate.tables(results)
+    t5.atomic_write(args.out + ".md", markdown)
+    t5.atomic_write(args.out + ".csv", table_csv)
+    print(markdown + f"({len(prompts)} inference prompts; {args.out}.md, {args.out}.csv)")
+
+
 def cmd_convert(args):
     import rewards
     mapping = rewards.convert_checkpoint(args.src, args.dst)
@@ -129,6 +190,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--combine", choices=["logsum", "mean"], default="logsum", help="multi-objective reward")
     train.add_argument("--gamma", type=float, default=0.07, help="DynaOpt's Exp3 exploration rate")
     train.set_defaults(func=cmd_train)
+
+    def add_aggregation_flags(sub):
+        sub.add_argument("--runs", default="runs", help="folder of training runs")
+        sub.add_argument("--adapters", nargs="+", metavar="DIR",
+                         help=f"adapter folders in the order {', '.join(SCORER_NAMES)} (default: newest runs)")
+        sub.add_argument("--level", choices=["hidden", "logit", "param"], default="hidden", help="aggregation level")
+
+    search_cmd = commands.add_parser("search", help="hierarchical grid search of the aggregation weights (Algorithm 1)")
+    add_model_flags(search_cmd)
+    add_data_flags(search_cmd)
+    add_aggregation_flags(search_cmd)
+    search_cmd.add_argument("--iterations", type=int, default=5)
+    search_cmd.add_argument("--batch-size", type=int, default=16)
+    search_cmd.add_argument("--out", default="search.json", help="results (resumable); the figure goes beside it as .svg")
+    search_cmd.set_defaults(func=cmd_search)
+
+    generate = commands.add_parser("generate", help="aggregated reflection for client statements (Eq. 2)")
+    generate.add_argument("text", nargs="+", help="client statement(s)")
+    generate.add_argument("--weights", required=True, help="comma-separated weights, e.g. 0.8,0.5,0.05")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    add_model_flags(generate, scorers=False)
+    add_aggregation_flags(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    evaluate_cmd = commands.add_parser("evaluate", help="Tables 1 and 2 on the inference split")
+    add_model_flags(evaluate_cmd)
+    add_data_flags(evaluate_cmd)
+    evaluate_cmd.add_argument("--runs", default="runs", help="folder of training runs")
+    evaluate_cmd.add_argument("--search", default="search.json", help="grid search result with the weights")
+    evaluate_cmd.add_argument("--batch-size", type=int, default=16)
+    evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv")
+    evaluate_cmd.set_defaults(func=cmd_evaluate)
 
     convert = commands.add_parser("convert", help="turn a PyTorch .pt/.bin scorer checkpoint into safetensors")
     convert.add_argument("src")

@@ -34,12 +34,19 @@ import re
 import torch
 from torch import nn
 
+import bert
+import gpt2
 import t5
 from t5 import InputError
 
 OBJECTIVES = ("reflection", "empathy", "fluency")
 CLIP_MIN, CLIP_MAX = 1e-4, 0.9999          # logsum clipping of the public code
 FLUENCY_CAP = 50.0                          # score = (CAP - ppl) / CAP
+
+
+def client_prompt(prompt: str) -> str:
+    """The client statement: what precedes "[SEP]" (policy-input form), stripped, as in the public code."""
+    return prompt.split("[SEP]")[0].strip()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -107,3 +114,216 @@ def check_finite(scores: torch.Tensor, what: str):
         value = scores.reshape(-1)[row].item()
         kind = "NaN" if math.isnan(value) else "inf"
         raise InputError(f"{kind} reward from {what} (row {row}): check the scorer's weights and inputs")
+
+
+# ----------------------------------------------------------------------------- scorers (§5.3)
+class Scorer:
+    """Shared batching: __call__(prompts, responses) -> FloatTensor[N] on the CPU, under
+    inference_mode, `batch_size` pairs per forward pass; a NaN/inf score is an InputError."""
+    name = "scorer"
+
+    def __init__(self, model, tokenizer, device="cpu", batch_size=32):
+        self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
+
+    def score_batch(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _batched(self, fn, prompts, responses) -> torch.Tensor:
+        prompts, responses = [client_prompt(p) for p in prompts], list(responses)
+        if len(prompts) != len(responses):
+            raise InputError(f"{self.name} scorer: {len(prompts)} prompts but {len(responses)} responses")
+        out = [torch.zeros(0)]
+        with torch.inference_mode():
+            for start in range(0, len(prompts), self.batch_size):
+                end = start + self.batch_size
+                out.append(fn(prompts[start:end], responses[start:end]).float().cpu())
+        return torch.cat(out)
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        scores = self._batched(self.score_batch, prompts, responses)
+        check_finite(scores, f"{self.name} scorer")
+        return scores
+
+
+def check_vocab(num_tokens: int, embedding_rows: int, source):
+    if num_tokens != embedding_rows:
+        raise InputError(f"{source}: the tokenizer has {num_tokens} tokens but the word embedding has {embedding_rows} rows")
+
+
+class ReflectionModel(nn.Module):
+    """DynaOpt's cross-encoder: RoBERTa (no pooler) -> h_CLS -> Linear(H, 512) -> ELU -> Linear(512, 1)."""
+
+    def __init__(self, config: bert.BertConfig, head_width: int = 512):
+        super().__init__()
+        if config.model_type != "roberta":
+            raise InputError(f"reflection scorer: config model_type is {config.model_type!r}, expected 'roberta'")
+        self.roberta = bert.BertModel(config, add_pooling_layer=False)
+        self.head = nn.Sequential(nn.Linear(config.hidden_size, head_width), nn.ELU(), nn.Linear(head_width, 1))
+
+    def forward(self, input_ids, attention_mask):
+        cls = self.roberta(input_ids, attention_mask)[:, 0]                  # pair representation
+        return torch.sigmoid(self.head(cls)).squeeze(-1)
+
+
+class ReflectionScorer(Scorer):
+    """Reflection score = sigmoid(head(RoBERTa(<s> prompt </s></s> response </s>)_CLS))."""
+    name = "reflection"
+
+    @classmethod
+    def from_dir(cls, directory, device="cpu", batch_size=32):
+        model = bert.load_bert(directory, head=ReflectionModel, device=device)
+        tokenizer = gpt2.ByteLevelBPETokenizer.from_dir(directory)
+        check_vocab(len(tokenizer.encoder), model.roberta.config.vocab_size, directory)
+        return cls(model, tokenizer, device, batch_size)
+
+    def score_batch(self, prompts, responses):
+        config = self.model.roberta.config                  # positions start at pad_token_id + 1
+        max_length = min(512, config.max_position_embeddings - config.pad_token_id - 1)
+        batch = self.tokenizer.batch_encode_roberta(prompts, responses, max_length=max_length, device=self.device)
+        return self.model(batch["input_ids"], batch["attention_mask"])
+
+
+class EmpathyScorer(Scorer):
+    """Empathy score = clamp(BERT classifier logit over [CLS] prompt [SEP] response [SEP], 0, 1)."""
+    name = "empathy"
+
+    @classmethod
+    def from_dir(cls, directory, device="cpu", batch_size=32):
+        model = bert.load_bert(directory, head="classification", device=device)
+        if model.config.num_labels != 1:
+            raise InputError(f"{directory}: the empathy classifier has {model.config.num_labels} labels, expected 1 (a regression logit)")
+        tokenizer = bert.WordPieceTokenizer.from_dir(directory)
+        check_vocab(tokenizer.vocab_size, model.config.vocab_size, directory)
+        return cls(model, tokenizer, device, batch_size)
+
+    def score_batch(self, prompts, responses):
+        max_length = min(512, self.model.config.max_position_embeddings)
+        batch = self.tokenizer.batch_encode(prompts, responses, max_length=max_length, device=self.device)
+        return self.model(**batch)[:, 0].clamp(0.0, 1.0)
+
+
+class FluencyScorer(Scorer):
+    """Fluency score = clip((50 - ppl) / 50, 0, 1), ppl = exp(mean NLL of GPT-2 over BPE(prompt) + BPE(response))."""
+    name = "fluency"
+    cap = FLUENCY_CAP
+
+    @classmethod
+    def from_dir(cls, directory, device="cpu", batch_size=32):
+        model, tokenizer = gpt2.load_gpt2(directory, device=device)
+        check_vocab(len(tokenizer.encoder), model.config.vocab_size, directory)
+        return cls(model, tokenizer, device, batch_size)
+
+    def _perplexity(self, prompts, responses):
+        # The public code's GPT2Tokenizer(prompt, response): two token lists joined, nothing in between,
+        # truncated longest-first to the context size.
+        rows = [sum(gpt2.truncate_longest_first(self.tokenizer.encode(p), self.tokenizer.encode(r),
+                                                self.model.config.n_positions), []) for p, r in zip(prompts, responses)]
+        input_ids, attention_mask = self.tokenizer.pad(rows, 0, self.device)
+        return gpt2.sequence_nll(self.model, input_ids, attention_mask).exp()
+
+    def perplexity(self, prompts, responses) -> torch.Tensor:
+        """GPT-2 perplexity of each (prompt, response) pair: FloatTensor[N] (NaN for < 2 tokens)."""
+        return self._batched(self._perplexity, prompts, responses)
+
+    def score_batch(self, prompts, responses):
+        return ((self.cap - self._perplexity(prompts, responses)) / self.cap).clamp(0.0, 1.0)
+
+
+SCORERS = {"reflection": ReflectionScorer, "empathy": EmpathyScorer, "fluency": FluencyScorer}
+
+
+def load_scorers(directories: dict, device="cpu", batch_size=32) -> dict:
+    """{objective: scorer directory} -> {objective: scorer}, in the given order."""
+    unknown = [name for name in directories if name not in SCORERS]
+    if unknown:
+        raise InputError(f"unknown objective {unknown[0]!r} (expected one of {', '.join(OBJECTIVES)})")
+    return {name: SCORERS[name].from_dir(path, device, batch_size) for name, path in directories.items()}
+
+
+def score_all(scorers: dict, prompts, responses) -> dict:
+    """{objective: FloatTensor[N]} for every scorer (stack them with torch.stack(..., dim=1) for [N, d])."""
+    return {name: scorer(prompts, responses) for name, scorer in scorers.items()}
+
+
+# ----------------------------------------------------------------------------- convert
+# DynaOpt's reflection scorer .pt is the state_dict of CrossScorerCrossEncoder: `cross_encoder.*`
+# (a HF RobertaModel), `l1.*` = Linear(768, 512), `l2.*` = Linear(512, 1) (the ELU has no weights).
+# Our layout names the same tensors `roberta.*` and `head.{0,2}.*` (nn.Sequential(Linear, ELU, Linear)).
+CHECKPOINT_KEY_MAP = (                     # (source prefix, our prefix), first match wins
+    ("cross_encoder.", "roberta."),
+    ("roberta.", "roberta."),
+    ("encoder.", "roberta.encoder."),      # a bare RobertaModel state_dict
+    ("embeddings.", "roberta.embeddings."),
+    ("l1.", "head.0."),
+    ("l2.", "head.2."),
+    ("head.0.", "head.0."),
+    ("head.2.", "head.2."),
+)
+DROPPED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")   # unused by the scorer
+WRAPPERS = ("state_dict", "model_state_dict", "model")
+
+
+def _unwrap(checkpoint, src) -> dict:
+    for _ in range(3):
+        if isinstance(checkpoint, dict):
+            inner = next((checkpoint[k] for k in WRAPPERS if isinstance(checkpoint.get(k), dict)), None)
+            if inner is not None and not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+                checkpoint = inner
+                continue
+        break
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise InputError(f"{src}: not a state_dict (found {type(checkpoint).__name__})")
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{src}: key {key} is a {type(value).__name__}, not a tensor")
+    return checkpoint
+
+
+def checkpoint_key(key: str, src="checkpoint") -> str | None:
+    """Our reflection-scorer key for one source key; None for a tensor the scorer does not use."""
+    for prefix in ("module.", "model."):   # DataParallel / wrapper prefixes
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    for source_prefix, our_prefix in CHECKPOINT_KEY_MAP:
+        if key.startswith(source_prefix):
+            renamed = our_prefix + key[len(source_prefix):]
+            return None if any(d in renamed for d in DROPPED) else renamed
+    raise InputError(f"{src}: key {key} does not map to the reflection scorer (roberta.*, head.0.*, head.2.*)")
+
+
+def convert_checkpoint(src, dst, base=None) -> list[tuple[str, str]]:
+    """DynaOpt-style PyTorch .pt/.bin -> our reflection-scorer safetensors; returns the
+    (source key, our key) table for the caller to print ("-" = dropped). `dst` is a folder (gets model.safetensors) or a
+    .safetensors path. `base`: a HF roberta-base folder whose config.json, vocab.json and merges.txt
+    are copied next to the weights, making `dst` a complete scorer directory."""
+    import pickle
+    import shutil
+    import zipfile
+
+    if not os.path.isfile(src):
+        raise InputError(f"{src}: file not found")
+    try:
+        checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+        raise InputError(f"{src}: not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    state = _unwrap(checkpoint, src)
+    table, tensors = [], {}
+    for key, value in state.items():
+        ours = checkpoint_key(key, src)
+        table.append((key, ours or "-"))
+        if ours is not None:
+            if ours in tensors:
+                raise InputError(f"{src}: key {key} maps to {ours}, which another key already filled")
+            tensors[ours] = value.detach().clone()
+    for needed in ("roberta.embeddings.word_embeddings.weight", "head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"):
+        if needed not in tensors:
+            raise InputError(f"{src}: no tensor for {needed} (is this a reflection-scorer checkpoint?)")
+    folder = dst if not str(dst).endswith(".safetensors") else os.path.dirname(os.path.abspath(dst))
+    target = dst if str(dst).endswith(".safetensors") else os.path.join(dst, "model.safetensors")
+    t5.save_safetensors(tensors, target, metadata={"format": "pt", "converted_from": os.path.basename(src)})
+    if base is not None:
+        for name in ("config.json", "vocab.json", "merges.txt"):
+            if not os.path.isfile(os.path.join(base, name)):
+                raise InputError(f"{base}: no {name} (expected a HF roberta-base folder)")
+            shutil.copyfile(os.path.join(base, name), os.path.join(folder, name))
+    return table

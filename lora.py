@@ -1,0 +1,285 @@
+"""LoRA adapters for the EMORL policy: one adapter per objective on one shared base model (paper §4, §5.2).
+
+A targeted nn.Linear computes W x + (alpha/r)·B A drop(x), A [r,in] ~ kaiming_uniform(a=√5), B [out,r] = 0,
+so the adapted model equals the base model at init. Several named adapters live on one base:
+- set_adapter / adapters_disabled: one adapter or none (the frozen reference policy of the KL term).
+- weighted_adapters: W x + Σ_i w_i·(alpha/r)·B_i A_i x, unmerged (what merge() must reproduce).
+- mixed_adapters: each batch row uses its own adapter: one shared base matmul + a batched low-rank
+  term (stacked A/B gathered per row, bmm). Ensemble decoding (§4.1, Eq. 2) runs K adapters in one forward.
+- merge / unmerge: parameter-level aggregation, Eq. (4): θ = θ0 + Σ_i w_i·(alpha/r)·B_i A_i; unmerge
+  copies the saved θ0 back (bit-exact, no subtraction).
+Files use PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
+base_model.model.<module>.lora_{A,B}.weight), so adapters move both ways between this code and peft.
+
+Deviations from the paper / public code:
+- Modes are switched explicitly (set_adapter, context managers); .eval() never merges (loralib's pitfall).
+- The safetensors metadata carries a cheap fingerprint of the base model (shapes + a few weight sums);
+  an adapter saved for another base model is refused. Files without it (e.g. from peft) load if shapes match.
+- PEFT options beyond plain LoRA (DoRA, rsLoRA, rank/alpha patterns, bias, modules_to_save...) are refused.
+- model.state_dict() keeps the base keys unchanged and gains <module>.lora_{A,B}.<adapter> keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t5 import InputError, load_safetensors, read_json, save_safetensors, write_json
+
+DEFAULT_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # never lm_head
+FINGERPRINT_KEY = "emorl_base_fingerprint"
+UNSUPPORTED = ("use_dora", "use_rslora", "fan_in_fan_out", "bias", "lora_bias", "rank_pattern", "alpha_pattern",
+               "modules_to_save", "layers_to_transform", "exclude_modules", "target_parameters", "trainable_token_indices")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear with named low-rank adapters; shares (not copies) the wrapped layer's weight and bias."""
+
+    def __init__(self, base: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.training = base.in_features, base.out_features, base.training
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.alpha, self.dropout_p = {}, {}
+        self.mode = None      # None (base) | {name: weight} | (names, row_adapter LongTensor[B])
+        self.unmerged = None  # copy of the base weight while merged
+
+    def add(self, name, r, alpha, dropout):
+        self.lora_A[name] = nn.Parameter(self.weight.new_empty(r, self.in_features))
+        self.lora_B[name] = nn.Parameter(self.weight.new_zeros(self.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))
+        self.alpha[name], self.dropout_p[name] = alpha, dropout
+
+    def scaling(self, name):
+        return self.alpha[name] / self.lora_A[name].shape[0]
+
+    def _padded(self, name, rank):  # (A [rank,in], scaling·B [out,rank]); zeros where this layer lacks `name`
+        if name not in self.lora_A:
+            return self.weight.new_zeros(rank, self.in_features), self.weight.new_zeros(self.out_features, rank)
+        pad = rank - self.lora_A[name].shape[0]
+        return F.pad(self.lora_A[name], (0, 0, 0, pad)), F.pad(self.lora_B[name] * self.scaling(name), (0, pad))
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if self.unmerged is not None or self.mode is None:  # merged weights already hold the deltas
+            return out
+        if isinstance(self.mode, dict):  # Eq. (4), unmerged: W x + Σ_i w_i (alpha/r) B_i A_i drop_i(x)
+            for name, w in self.mode.items():
+                if name in self.lora_A:
+                    h = F.dropout(x, self.dropout_p[name], self.training) @ self.lora_A[name].T
+                    out = out + (w * self.scaling(name)) * (h @ self.lora_B[name].T)
+            return out
+        names, rows = self.mode
+        present = [n for n in names if n in self.lora_A]
+        if not present:
+            return out
+        if rows.numel() != x.shape[0]:
+            raise InputError(f"mixed_adapters: row_adapter has {rows.numel()} rows, the batch has {x.shape[0]}")
+        rank = max(self.lora_A[n].shape[0] for n in present)
+        A, B = (torch.stack(t)[rows] for t in zip(*(self._padded(n, rank) for n in names)))  # [N,r,in], [N,out,r]
+        if self.training:  # each row gets its own adapter's dropout rate
+            p = torch.tensor([self.dropout_p.get(n, 0.0) for n in names], device=x.device, dtype=x.dtype)
+            keep = (1 - p[rows]).view(-1, *[1] * (x.dim() - 1))
+            x = x * torch.bernoulli(keep.expand_as(x)) / keep
+        flat = x.reshape(x.shape[0], -1, self.in_features)
+        return out + torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).reshape(out.shape)
+
+
+def _layers(model):
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _matches(path, targets):  # PEFT's rule: a list matches the last name, a string is a full-path regex
+    return re.fullmatch(targets, path) is not None if isinstance(targets, str) else path.rsplit(".", 1)[-1] in targets
+
+
+def add_adapter(model, name, r=8, alpha=32, dropout=0.05, targets=DEFAULT_TARGETS):
+    """Add (or replace) adapter `name` on every nn.Linear matching `targets`; freeze the rest; make it active."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise InputError(f"adapter name {name!r}: must be a non-empty string without '.'")
+    if r < 1 or not 0 <= dropout < 1:
+        raise InputError(f"adapter {name}: need r >= 1 and 0 <= dropout < 1, got r={r}, dropout={dropout}")
+    for _, m in _layers(model):
+        for store in (m.lora_A, m.lora_B, m.alpha, m.dropout_p):
+            if name in store:
+                del store[name]
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and path and _matches(path, targets)]
+    if not found:
+        raise InputError(f"adapter {name}: no nn.Linear matches target_modules {targets!r}")
+    for path, module in found:
+        if not isinstance(module, LoRALinear):
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, module := LoRALinear(module))
+        module.add(name, r, alpha, dropout)
+    adapter = {id(p) for _, m in _layers(model) for p in (*m.lora_A.values(), *m.lora_B.values())}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter)
+    set_adapter(model, name)
+
+
+def adapter_names(model) -> list[str]:
+    return list(dict.fromkeys(n for _, m in _layers(model) for n in m.lora_A))
+
+
+def _check(model, names):
+    have = adapter_names(model)
+    for n in names:
+        if n not in have:
+            raise InputError(f"unknown adapter {n!r} (the model has: {', '.join(have) or 'none'})")
+
+
+def adapter_parameters(model, name) -> list[nn.Parameter]:
+    _check(model, [name])
+    return [p for _, m in _layers(model) if name in m.lora_A for p in (m.lora_A[name], m.lora_B[name])]
+
+
+def set_adapter(model, name):
+    """Make `name` the only active adapter; None disables all adapters (the base model)."""
+    _check(model, [] if name is None else [name])
+    for _, m in _layers(model):
+        m.mode = None if name is None else {name: 1.0}
+
+
+@contextmanager
+def _mode(model, mode):
+    previous = [(m, m.mode) for _, m in _layers(model)]
+    for m, _ in previous:
+        m.mode = mode
+    try:
+        yield model
+    finally:
+        for m, old in previous:
+            m.mode = old
+
+
+def adapters_disabled(model):
+    """Base model inside the block (reference policy for the KL term); the previous state comes back after."""
+    return _mode(model, None)
+
+
+def weighted_adapters(model, weights: dict[str, float]):
+    """Unmerged weighted forward: W x + Σ_i w_i·(alpha/r)·B_i A_i x."""
+    _check(model, weights)
+    return _mode(model, dict(weights))
+
+
+def mixed_adapters(model, names, row_adapter):
+    """Row b of every batch uses adapter names[row_adapter[b]] (first dim of each Linear input = batch)."""
+    _check(model, names)
+    rows = torch.as_tensor(row_adapter, dtype=torch.long)
+    if rows.dim() != 1 or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < len(names)):
+        raise InputError(f"mixed_adapters: row_adapter must be a 1-D index into {len(names)} adapters")
+    return _mode(model, (list(names), rows.to(next(model.parameters()).device)))
+
+
+def adapter_major_rows(num_adapters, rows_per_adapter) -> torch.Tensor:
+    return torch.arange(num_adapters).repeat_interleave(rows_per_adapter)
+
+
+@torch.no_grad()
+def merge(model, weights: dict[str, float]):
+    """Eq. (4): W ← W0 + Σ_i w_i·(alpha/r)·B_i A_i; adapters are bypassed until unmerge()."""
+    _check(model, weights)
+    unmerge(model)
+    for _, m in _layers(model):
+        m.unmerged = m.weight.detach().clone()
+        for name, w in weights.items():
+            if name in m.lora_A:
+                m.weight.add_((w * m.scaling(name)) * (m.lora_B[name] @ m.lora_A[name]))
+
+
+@torch.no_grad()
+def unmerge(model):
+    for _, m in _layers(model):
+        if m.unmerged is not None:
+            m.weight.copy_(m.unmerged)
+            m.unmerged = None
+
+
+def base_fingerprint(model) -> dict:
+    """Names + shapes of the base parameters and (sum, sum|x|) of the first 64 entries of ≤ 8 of them."""
+    original = {f"{path}.weight": m.unmerged for path, m in _layers(model) if m.unmerged is not None}
+    base = [(n, original.get(n, p)) for n, p in model.named_parameters() if ".lora_A." not in n and ".lora_B." not in n]
+    shapes = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in base]).encode()).hexdigest()[:16]
+    probes = [p.detach().flatten()[:64].double() for _, p in base[:: max(1, len(base) // 8)][:8]]
+    return {"shapes": shapes, "probes": [[float(x.sum()), float(x.abs().sum())] for x in probes]}
+
+
+def _same_base(saved, ours):  # tolerant to dtype round-off (bf16 ↔ fp32), not to another model
+    return saved["shapes"] == ours["shapes"] and len(saved["probes"]) == len(ours["probes"]) and all(
+        abs(a - c) <= 0.02 * max(b, d) + 1e-12 for (a, b), (c, d) in zip(saved["probes"], ours["probes"]))
+
+
+def save_adapter(model, name, directory, base_model_name_or_path=""):
+    """Write adapter `name` in PEFT's layout (atomic files)."""
+    _check(model, [name])
+    layers = [(path, m) for path, m in _layers(model) if name in m.lora_A]
+    tensors = {}
+    for path, m in layers:
+        tensors[f"base_model.model.{path}.lora_A.weight"] = m.lora_A[name]
+        tensors[f"base_model.model.{path}.lora_B.weight"] = m.lora_B[name]
+    targets = sorted({path.rsplit(".", 1)[-1] for path, _ in layers})
+    if {p for p, m in model.named_modules() if isinstance(m, nn.Linear) and p and _matches(p, targets)} != {p for p, _ in layers}:
+        targets = "|".join(re.escape(path) for path, _ in layers)  # exact module set as a full-match regex
+    first = layers[0][1]
+    config = dict(peft_type="LORA", task_type="SEQ_2_SEQ_LM", base_model_name_or_path=base_model_name_or_path,
+                  r=first.lora_A[name].shape[0], lora_alpha=first.alpha[name], lora_dropout=first.dropout_p[name],
+                  target_modules=targets, bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                  use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={}, alpha_pattern={})
+    os.makedirs(directory, exist_ok=True)
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(base_fingerprint(model))}
+    save_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata)
+    write_json(os.path.join(directory, "adapter_config.json"), config)
+
+
+def load_adapter(model, directory, name) -> str:
+    """Strictly load a PEFT-layout LoRA adapter from `directory` as adapter `name` (made active)."""
+    from safetensors import safe_open
+
+    config_path, file = os.path.join(directory, "adapter_config.json"), os.path.join(directory, "adapter_model.safetensors")
+    cfg = read_json(config_path)
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise InputError(f"{config_path}: peft_type must be LORA, got {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r}")
+    for key in UNSUPPORTED:
+        if cfg.get(key) not in (None, False, {}, [], "none"):
+            raise InputError(f"{config_path}: unsupported LoRA option {key}={cfg[key]!r}")
+    r, alpha, dropout, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0), cfg.get("target_modules")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not isinstance(targets, (str, list)) or not targets:
+        raise InputError(f"{config_path}: need integer r >= 1, numeric lora_alpha and target_modules, got r={r!r} lora_alpha={alpha!r}")
+    tensors = load_safetensors(file)
+    with safe_open(file, "pt") as f:
+        saved = (f.metadata() or {}).get(FINGERPRINT_KEY)
+    try:
+        same = saved is None or _same_base(json.loads(saved), base_fingerprint(model))
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{file}: malformed {FINGERPRINT_KEY} metadata ({e})") from None
+    if not same:
+        raise InputError(f"{file}: adapter was saved for another base model (base fingerprint differs)")
+    expected = {}
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Linear) and path and _matches(path, targets):
+            expected[f"base_model.model.{path}.lora_A.weight"] = (r, m.in_features)
+            expected[f"base_model.model.{path}.lora_B.weight"] = (m.out_features, r)
+    for key in expected:
+        if key not in tensors:
+            raise InputError(f"{file}: missing key {key}")
+    for key, value in tensors.items():
+        if key not in expected:
+            raise InputError(f"{file}: unexpected key {key} (not a target module of this model)")
+        if tuple(value.shape) != expected[key]:
+            raise InputError(f"{file}: key {key} has shape {tuple(value.shape)}, expected {expected[key]} (r={r} in {config_path})")
+    add_adapter(model, name, r, alpha, dropout, targets)
+    with torch.no_grad():
+        for path, m in _layers(model):
+            if name in m.lora_A:
+                m.lora_A[name].copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
+                m.lora_B[name].copy_(tensors[f"base_model.model.{path}.lora_B.weight"])
+    return name

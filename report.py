@@ -1,0 +1,173 @@
+"""The Pareto view of a weight search and its picture (SPEC §8; paper Figure 5).
+
+- `pareto_front`, `hypervolume`: the non-dominated per-objective score vectors of every evaluated
+  weight vector (maximisation) and the exact volume they dominate above a reference point.
+- `pareto_report`, `format_report`: the report `search.py` stores in search.json and prints.
+- `search_svg`: Figure 5 without a plotting library — one panel per iteration of Algorithm 1, w1 on
+  the x axis, w2 on the y axis, the remaining weights as small multiples, colour = mean reward, the
+  sub-cube chosen for the next iteration outlined in red, the best mean marked on the colour bar.
+
+Deviations from the paper / public code:
+- The paper draws Figure 5 with matplotlib as one 3-D scatter per iteration; here each panel is a row
+  of 2-D small multiples (one per value of w3..wd), drawn over that iteration's own bounds.
+- The Pareto front and hypervolume are not in the paper (SPEC §8, beyond the paper).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from xml.sax.saxutils import escape
+
+
+# ----------------------------------------------------------------------------- Pareto
+def dominates(a, b) -> bool:
+    """a dominates b (maximisation): no worse in every objective, better in one."""
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def pareto_front(points) -> list[int]:
+    """Indices (in input order) of the non-dominated points. Equal points do not dominate each
+    other, so duplicates on the front are all kept."""
+    points = [tuple(float(x) for x in p) for p in points]
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+
+
+def hypervolume(front, reference=0.0) -> float:
+    """Exact volume dominated by `front` (maximisation) and bounded below by `reference` (a number
+    or one per objective). Slicing along the last objective: the slab between two consecutive
+    distinct values is the (d−1)-dimensional hypervolume of the points above it times its height;
+    for d = 2 this is the usual sweep. O(n^d), fine for the small fronts of a grid search."""
+    points = [tuple(float(x) for x in p) for p in front]
+    if not points:
+        return 0.0
+    d = len(points[0])
+    ref = tuple(float(reference) for _ in range(d)) if isinstance(reference, (int, float)) else tuple(map(float, reference))
+    # A point not strictly above the reference in every objective dominates no volume.
+    return _hypervolume([p for p in points if all(x > r for x, r in zip(p, ref))], ref)
+
+
+def _hypervolume(points, ref) -> float:
+    if not points:
+        return 0.0
+    if len(ref) == 1:
+        return max(p[0] for p in points) - ref[0]
+    points = sorted(points, key=lambda p: p[-1], reverse=True)
+    volume = 0.0
+    for i, p in enumerate(points):
+        below = points[i + 1][-1] if i + 1 < len(points) else ref[-1]
+        if p[-1] > below:  # slab (below, p[-1]] is dominated exactly by points[:i+1]
+            volume += (p[-1] - below) * _hypervolume([q[:-1] for q in points[: i + 1]], ref[:-1])
+    return volume
+
+
+def pareto_report(records, names) -> dict:
+    """Non-dominated set of the evaluated records ({weights, direction, scores, mean}) and its
+    hypervolume with reference point 0."""
+    front = pareto_front([r["scores"] for r in records])
+    chosen = [records[i] for i in front]
+    return {
+        "objectives": list(names),
+        "front": [{k: r[k] for k in ("weights", "direction", "scores", "mean")} for r in chosen],
+        "hypervolume": hypervolume([r["scores"] for r in chosen], 0.0),
+        "reference": 0.0,
+    }
+
+
+def format_report(report) -> str:
+    names = report["objectives"]
+    lines = [f"Pareto front: {len(report['front'])} non-dominated weight vectors "
+             f"| hypervolume {report['hypervolume']:.4f} (reference 0)"]
+    for r in sorted(report["front"], key=lambda r: -r["mean"]):
+        weights = ",".join(f"{w:.3f}" for w in r["weights"])
+        scores = " ".join(f"{n} {s:.3f}" for n, s in zip(names, r["scores"]))
+        lines.append(f"  w=({weights}) | {scores} | mean {r['mean']:.3f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Figure 5 as SVG
+_COLORMAP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]  # viridis anchors
+
+
+def colour(value, low, high) -> str:
+    """Piecewise-linear viridis; None (w = 0, never decoded) is grey."""
+    if value is None:
+        return "#bbbbbb"
+    t = 0.5 if high <= low else min(max((value - low) / (high - low), 0.0), 1.0)
+    i = min(int(t * (len(_COLORMAP) - 1)), len(_COLORMAP) - 2)
+    f = t * (len(_COLORMAP) - 1) - i
+    r, g, b = (round(a + (c - a) * f) for a, c in zip(_COLORMAP[i], _COLORMAP[i + 1]))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def search_svg(iterations, names, size=150, gap=46) -> str:
+    """Figure 5 from `hierarchical_grid_search(...)["iterations"]`: a row per iteration, in it one
+    small multiple per value of (w3..wd) (one for d = 2), each a 3x3 grid of w1 (x) by w2 (y) over
+    that iteration's bounds; one circle (class "point") per grid point; colour = mean reward."""
+    d = len(iterations[0]["bounds"])
+    means = [m for it in iterations for m in it["means"] if m is not None]
+    low, high = (min(means), max(means)) if means else (0.0, 1.0)
+    columns = 3 ** (d - 2)
+    width = gap + columns * (size + gap) + 90
+    height = 30 + len(iterations) * (size + gap + 12)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
+           f'<text x="{gap}" y="16" font-size="12">Hierarchical grid search (Algorithm 1): '
+           f'x = {escape(names[0])}, y = {escape(names[1])}, colour = mean reward</text>']
+    for row, it in enumerate(iterations):
+        top = 30 + row * (size + gap + 12)
+        bounds = it["bounds"]
+        out.append(f'<g class="panel" id="iteration-{it["iteration"]}">')
+        out.append(f'<text x="4" y="{top + size / 2}" transform="rotate(-90 10 {top + size / 2})">iteration {it["iteration"]}</text>')
+        rest_axes = [(lo, (lo + hi) / 2, hi) for lo, hi in bounds[2:]]
+        for col, rest in enumerate(itertools.product(*rest_axes)):
+            left = gap + col * (size + gap)
+            out.append(_subpanel(it, rest, left, top, size, low, high, names))
+        out.append("</g>")
+    out.append(_colourbar(width - 70, 30, low, high, max(means) if means else None))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _subpanel(it, rest, left, top, size, low, high, names) -> str:
+    (x0, x1), (y0, y1) = it["bounds"][0], it["bounds"][1]
+    pad = 14
+
+    def x(v):
+        return left + pad + (v - x0) / (x1 - x0) * (size - 2 * pad)
+
+    def y(v):
+        return top + size - pad - (v - y0) / (y1 - y0) * (size - 2 * pad)
+
+    parts = [f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#888"/>']
+    title = ", ".join(f"{escape(n)}={v:.4g}" for n, v in zip(names[2:], rest))
+    if title:
+        parts.append(f'<text x="{left + size / 2}" y="{top - 4}" text-anchor="middle">{title}</text>')
+    for v in (x0, (x0 + x1) / 2, x1):
+        parts.append(f'<text x="{x(v):.1f}" y="{top + size + 11}" text-anchor="middle">{v:.4g}</text>')
+    for v in (y0, (y0 + y1) / 2, y1):
+        parts.append(f'<text x="{left - 2}" y="{y(v) + 3:.1f}" text-anchor="end">{v:.4g}</text>')
+    chosen = it.get("next_bounds")
+    if chosen and all(lo <= r <= hi for r, (lo, hi) in zip(rest, chosen[2:])):
+        (cx0, cx1), (cy0, cy1) = chosen[0], chosen[1]
+        parts.append(f'<rect class="chosen" x="{x(cx0) - 6:.1f}" y="{y(cy1) - 6:.1f}" width="{x(cx1) - x(cx0) + 12:.1f}" '
+                     f'height="{y(cy0) - y(cy1) + 12:.1f}" fill="none" stroke="red" stroke-width="1.5" stroke-dasharray="4 2"/>')
+    for point, mean in zip(it["points"], it["means"]):
+        if tuple(point[2:]) != tuple(rest):
+            continue
+        label = "w=(" + ",".join(f"{w:.4g}" for w in point) + ") mean " + ("w=0: not decoded" if mean is None else f"{mean:.4f}")
+        parts.append(f'<circle class="point" cx="{x(point[0]):.1f}" cy="{y(point[1]):.1f}" r="7" fill="{colour(mean, low, high)}" '
+                     f'stroke="#333" stroke-width="0.5"><title>{escape(label)}</title></circle>')
+    return "\n".join(parts)
+
+
+def _colourbar(left, top, low, high, best, height=150, steps=20) -> str:
+    parts = ['<g class="legend">', f'<text x="{left}" y="{top - 4}">mean reward</text>']
+    for k in range(steps):
+        value = high - (high - low) * (k + 0.5) / steps
+        parts.append(f'<rect x="{left}" y="{top + k * height / steps:.1f}" width="14" height="{height / steps + 0.5:.1f}" fill="{colour(value, low, high)}"/>')
+    parts.append(f'<text x="{left + 18}" y="{top + 8}">{high:.3f}</text>')
+    parts.append(f'<text x="{left + 18}" y="{top + height}">{low:.3f}</text>')
+    if best is not None and math.isfinite(best):  # the paper's red line: the best mean reward
+        yb = top + (0.0 if high <= low else (high - best) / (high - low)) * height
+        parts.append(f'<line x1="{left - 3}" x2="{left + 17}" y1="{yb:.1f}" y2="{yb:.1f}" stroke="red" stroke-width="2"/>')
+    parts.append("</g>")
+    return "\n".join(parts)

@@ -1,0 +1,267 @@
+"""Aggregating the objective adapters (paper §4.1, Eq. 2; Appendix 11.1-11.2) and searching their
+weights (§4.2, Algorithm 1, Appendix 11.3) — the `python emorl.py search` command layer included.
+
+- `ensemble_generate`: greedy decoding from K LoRA adapters on one base T5 at three levels:
+  "hidden" (Eq. 2: f = Σ w_i f_i of the last decoder hidden states, one LM head, argmax),
+  "logit" (Appendix 11.2: Σ w_i H_LM(f_i)), "param" (Appendix 11.1, Eq. 4: θ0 + Σ w_i ΔW_i merged).
+- `hierarchical_grid_search`: Algorithm 1 as a pure function, resumable from its own records.
+- `make_objective`, `run_search`: f(w) = mean over objectives of the mean score over the aggregation
+  prompts (SPEC §5); search.json rewritten atomically after every evaluation; Pareto report (report.py).
+
+Deviations from the paper / public code:
+- The public code deep-copies K models and re-runs the whole sequence (encoder included) at every step.
+  Here the K adapters share one base model as ONE mixed-adapter batch of K·B rows (adapter-major):
+  one encoder forward, a KV cache per row, every adapter extending the same shared prefix.
+- All three levels use the same decoding rule: greedy, one shared prefix, ≤ 64 new tokens, stop at
+  </s> (the public code samples separate continuations at the logit level).
+- Weights are divided by their sum before decoding, at every level. Hidden and logit level: no change
+  (argmax is invariant to a positive factor; the LM head has no bias). Param level: the merge becomes a
+  convex combination of the adapters' deltas (a model soup), so every level depends on w/Σw only.
+- Algorithm 1 evaluates each ray once: the memo key is the exact direction w/Σw (fractions.Fraction;
+  grid points are dyadic, so no rounding is needed), hence refined grids re-use their 2^d corners and
+  (0.5,0.5,0.5) shares the decode of (1,1,1). w = 0 scores -inf and is never decoded (its hidden state
+  is all zeros). The walk is the plain algorithm's: same scores, same tie rule, same result (tested).
+- Ties: the grid is enumerated lexicographically (axis 1 slowest, lo < mid < hi on every axis);
+  the best point is the first maximum in that order and replaces the running best only if strictly
+  better (Alg. 1, line 11); sub-cubes are enumerated as (lower, upper) half per axis in the same
+  lexicographic order (lower first) and the first maximal corner sum wins.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from fractions import Fraction
+
+import torch
+from tqdm import tqdm
+
+import data
+import lora
+import report
+import t5
+from t5 import InputError
+
+LEVELS = ("hidden", "logit", "param")
+
+
+# ----------------------------------------------------------------------------- weights
+def check_weights(weights, d, what="weights") -> list[float]:
+    """d finite, non-negative numbers, not all zero; else a one-line InputError."""
+    weights = [float(w) for w in weights]
+    if len(weights) != d:
+        raise InputError(f"{what}: expected {d} weights (one per adapter), got {len(weights)}")
+    for w in weights:
+        if not math.isfinite(w):
+            raise InputError(f"{what}: weight {w} is not a finite number")
+        if w < 0:
+            raise InputError(f"{what}: weight {w} is negative; weights must be >= 0")
+    if sum(weights) == 0:
+        raise InputError(f"{what}: all weights are zero; at least one must be > 0")
+    return weights
+
+
+def parse_weights(text: str, d: int) -> list[float]:
+    """"0.8,0.5,0.05" -> [0.8, 0.5, 0.05]."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        bad = next(p for p in parts if not _is_float(p))
+        raise InputError(f"weights '{text}': '{bad}' is not a number") from None
+    return check_weights(values, d, what=f"weights '{text}'")
+
+
+def _is_float(text) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def ray_key(weights):
+    """The exact direction w/Σw (None for w = 0): the memo key of Algorithm 1."""
+    total = sum(Fraction(w) for w in weights)
+    return None if total == 0 else tuple(Fraction(w) / total for w in weights)
+
+
+# ----------------------------------------------------------------------------- Eq. (2) ensemble decoding
+@torch.no_grad()
+def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, level="hidden", max_new_tokens=64):
+    """Greedy tokens [B, T] from the adapters `adapter_names` combined with `weights` (see module
+    docstring). Call model.eval() first: dropout is whatever mode the model is in."""
+    if level not in LEVELS:
+        raise InputError(f"aggregation level '{level}': expected one of {', '.join(LEVELS)}")
+    names = list(adapter_names)
+    weights = check_weights(weights, len(names))
+    weights = [w / sum(weights) for w in weights]  # greedy argmax is invariant to a positive factor
+    cfg, batch = model.config, input_ids.shape[0]
+    if level == "param":  # Appendix 11.1, Eq. (4): one merged model
+        lora.merge(model, dict(zip(names, weights)))
+        try:  # merged layers bypass their adapters until unmerge
+            return t5.generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)[0]
+        finally:
+            lora.unmerge(model)
+    k = len(names)
+    rows = lora.adapter_major_rows(k, batch).to(input_ids.device)  # row r runs adapter r // B
+    w = torch.tensor(weights, dtype=model.shared.weight.dtype, device=input_ids.device).view(k, 1, -1)
+    with lora.mixed_adapters(model, names, rows):
+        mask = attention_mask.repeat(k, 1)
+        encoder_hidden = model.encode(input_ids.repeat(k, 1), mask)  # every adapter's encoder, one forward
+        cache = None
+
+        def next_logits(last_tokens):  # last_tokens [B]: the shared prefix's newest token
+            nonlocal cache
+            hidden, cache = model.decode(last_tokens.repeat(k)[:, None], encoder_hidden, mask, cache)
+            f = hidden[:, -1].view(k, batch, -1)  # f_i, adapter-major
+            if level == "hidden":
+                return model.logits((w * f).sum(0))  # Eq. (2): H_LM(Σ w_i f_i)
+            return (w * model.logits(f)).sum(0)  # Appendix 11.2: Σ w_i H_LM(f_i)
+
+        return t5.decode_loop(next_logits, batch, max_new_tokens=max_new_tokens, start_id=cfg.decoder_start_token_id,
+                              eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id, device=input_ids.device)[0]
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+def grid_points(bounds) -> list[tuple]:
+    """GenerateGrid: (lo, mid, hi) per axis -> 3^d points, lexicographic (axis 1 slowest)."""
+    return list(itertools.product(*[(lo, (lo + hi) / 2, hi) for lo, hi in bounds]))
+
+
+def best_region(bounds, results: dict) -> list[tuple]:
+    """FindBestRegion + ComputeBounds: the 2^d sub-cube whose corner scores sum highest."""
+    best, best_total = None, -math.inf
+    for halves in itertools.product((0, 1), repeat=len(bounds)):  # 0 = lower half, first max wins
+        cube = [(lo, (lo + hi) / 2) if h == 0 else ((lo + hi) / 2, hi) for (lo, hi), h in zip(bounds, halves)]
+        total = sum(results[corner] for corner in itertools.product(*cube))
+        if best is None or total > best_total:
+            best, best_total = cube, total
+    return best
+
+
+def max_evaluations(d, iterations) -> int:
+    """Distinct grid points of I iterations minus w = 0: 3^d + (I-1)(3^d - 2^d) - 1 (102 for d=3, I=5)."""
+    return 3 ** d + (iterations - 1) * (3 ** d - 2 ** d) - 1
+
+
+def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None) -> dict:
+    """Algorithm 1 over [0, 1]^d. objective(direction: list[float], Σ = 1) -> (mean, per-objective scores).
+    `log`: records of an earlier (interrupted) run, re-used instead of re-evaluated. on_eval(record)
+    runs after every new evaluation. Returns best_weights, best_score, evaluations (one record per
+    ray, in order of first use), iterations (bounds, grid points, means, chosen next bounds)."""
+    if d < 1 or iterations < 1:
+        raise InputError(f"grid search: need d >= 1 objectives and >= 1 iterations, got d={d}, iterations={iterations}")
+    memo = {}
+    for i, record in enumerate(log or []):
+        if len(record.get("weights", ())) != d or not isinstance(record.get("mean"), (int, float)):
+            raise InputError(f"search log record {i}: expected {d} weights and a numeric mean, got {record}")
+        memo[ray_key(record["weights"])] = record
+    used = {}
+
+    def f(point, iteration):  # Alg. 1, line 8: results[p] <- f(p)
+        key = ray_key(point)
+        if key is None:
+            return -math.inf  # w = 0: all-zero hidden state, nothing to decode
+        if key not in memo:
+            direction = [float(x) for x in key]
+            start = time.perf_counter()
+            mean, scores = objective(direction)
+            if not math.isfinite(mean):
+                raise InputError(f"objective returned {mean} at weights {list(point)}")
+            memo[key] = {"weights": list(point), "direction": direction, "scores": [float(s) for s in scores],
+                         "mean": float(mean), "iteration": iteration, "seconds": round(time.perf_counter() - start, 3)}
+            if on_eval is not None:
+                on_eval(memo[key])
+        used.setdefault(key, memo[key])
+        return memo[key]["mean"]
+
+    best_weights, best_score = None, -math.inf  # Alg. 1, lines 1-2
+    bounds = [(0.0, 1.0)] * d  # Alg. 1, line 3
+    history = []
+    for iteration in range(1, iterations + 1):  # Alg. 1, line 4
+        points = grid_points(bounds)  # Alg. 1, line 5
+        results = {p: f(p, iteration) for p in points}  # Alg. 1, lines 6-9
+        current = max(points, key=results.__getitem__)  # Alg. 1, line 10 (first maximum)
+        if results[current] > best_score:  # Alg. 1, lines 11-14
+            best_weights, best_score = current, results[current]
+        region = best_region(bounds, results)  # Alg. 1, line 15
+        history.append({"iteration": iteration, "bounds": [list(b) for b in bounds], "points": [list(p) for p in points],
+                        "means": [results[p] if math.isfinite(results[p]) else None for p in points],
+                        "next_bounds": [list(b) for b in region]})
+        bounds = region  # Alg. 1, line 16
+    return {"best_weights": None if best_weights is None else list(best_weights),  # Alg. 1, line 18
+            "best_score": best_score if math.isfinite(best_score) else None,
+            "evaluations": list(used.values()), "iterations": history}
+
+
+# ----------------------------------------------------------------------------- command layer
+def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hidden", batch_size=16,
+                   max_new_tokens=64, device="cpu"):
+    """objective(weights) -> (mean over objectives, [mean score over `prompts` per scorer]),
+    decoding policy_input(prompt) (≤ 128 tokens) with ensemble_generate; scorers in dict order."""
+    if not prompts:
+        raise InputError("grid search: the aggregation split has no prompts")
+    model.eval()
+    chunks = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    encoded = [tokenizer.batch_encode([data.policy_input(p) for p in c], max_length=128, device=device) for c in chunks]
+
+    def objective(weights):
+        totals = [0.0] * len(scorers)
+        for chunk, (ids, mask) in zip(chunks, encoded):
+            tokens = ensemble_generate(model, adapter_names, weights, ids, mask, level=level, max_new_tokens=max_new_tokens)
+            responses = tokenizer.batch_decode(tokens)
+            for j, scorer in enumerate(scorers.values()):
+                totals[j] += float(scorer(chunk, responses).float().sum())
+        per_objective = [t / len(prompts) for t in totals]
+        return sum(per_objective) / len(per_objective), per_objective
+
+    return objective
+
+
+def format_evaluation(n, total, record, names) -> str:
+    weights = ",".join(f"{w:.3f}" for w in record["weights"])
+    scores = " ".join(f"{name} {s:.3f}" for name, s in zip(names, record["scores"]))
+    return f"eval {n}/{total} | w=({weights}) | {scores} | mean {record['mean']:.3f} | {record['seconds']:.1f}s"
+
+
+def run_search(objective, names, out_path="search.json", iterations=5, svg_path=None, meta=None) -> dict:
+    """Algorithm 1 with a log line per evaluation, search.json after every evaluation (re-read on
+    restart: a killed search resumes where it stopped), the Pareto report, and Figure 5 as SVG."""
+    names, d = list(names), len(names)
+    header = {"objectives": names, "iterations": iterations, "meta": meta}
+    header = json.loads(json.dumps(header))  # tuples -> lists, as they read back
+    log = []
+    if os.path.exists(out_path):
+        previous = t5.read_json(out_path)
+        if not isinstance(previous, dict) or {k: previous.get(k) for k in header} != header:
+            raise InputError(f"{out_path}: written by a different search (objectives/iterations/adapters differ); "
+                             "delete it or choose another output path")
+        log = previous.get("evaluations", [])
+        print(f"resuming: {len(log)} evaluations read from {out_path}")
+    records, total = list(log), max_evaluations(d, iterations)
+    bar = tqdm(total=total, initial=len(log), desc="grid search", unit="eval")
+
+    def on_eval(record):
+        records.append(record)
+        t5.write_json(out_path, {**header, "evaluations": records})
+        bar.update(1)
+        bar.write(format_evaluation(len(records), total, record, names))
+
+    try:
+        result = hierarchical_grid_search(objective, d, iterations, log=log, on_eval=on_eval)
+    finally:
+        bar.close()
+    pareto = report.pareto_report(result["evaluations"], names)
+    out = {**header, "evaluations": records, "best_weights": result["best_weights"], "best_score": result["best_score"],
+           "iterations": result["iterations"], "pareto": pareto}
+    t5.write_json(out_path, out)
+    if svg_path:
+        t5.atomic_write(svg_path, report.search_svg(result["iterations"], names))
+    print(report.format_report(pareto))
+    best = ",".join(f"{w:.5g}" for w in result["best_weights"] or [])
+    print(f"best weights ({best}) | mean {result['best_score'] or float('nan'):.4f} | {len(result['evaluations'])} distinct "
+          f"evaluations (plain Algorithm 1: {iterations * 3 ** d}) | {out_path}" + (f" | {svg_path}" if svg_path else ""))
+    return out

@@ -1,0 +1,165 @@
+"""lora.py: LoRA = base at init, mixed rows = single adapters, merged = unmerged, PEFT file compatibility both
+ways (peft is a test oracle only), strict loading errors."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lora
+import t5
+from t5 import InputError
+
+
+class Toy(nn.Module):
+    """Two residual blocks with HF-like names (q, wo) plus an untouched lm_head."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.block = nn.ModuleList(nn.ModuleDict(dict(q=nn.Linear(8, 12, bias=False), wo=nn.Linear(12, 8))) for _ in range(2))
+        self.norm, self.lm_head = nn.LayerNorm(8), nn.Linear(8, 5, bias=False)
+
+    def forward(self, x):
+        for b in self.block:
+            x = x + b["wo"](torch.relu(b["q"](x)))
+        return self.lm_head(self.norm(x))
+
+
+def perturb(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def toy_with_adapters(seed=0):
+    model = Toy(seed).eval()
+    lora.add_adapter(model, "a")
+    lora.add_adapter(model, "b", r=4, alpha=8)       # another rank: mixed mode zero-pads
+    lora.add_adapter(model, "c", targets=("q",))     # a subset of layers: absent elsewhere
+    for i, name in enumerate("abc"):
+        perturb(lora.adapter_parameters(model, name), seed=i + 1)
+    return model
+
+
+X = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(9))
+
+
+def test_init_equals_base_and_only_adapters_train():
+    model = Toy().eval()
+    base_out, base_keys = model(X), set(model.state_dict())
+    lora.add_adapter(model, "a")
+    assert torch.equal(model(X), base_out)
+    assert isinstance(model.block[0]["q"], lora.LoRALinear) and not isinstance(model.lm_head, lora.LoRALinear)
+    assert base_keys <= set(model.state_dict())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in model.state_dict() if ".lora_" in n}
+    assert model.block[0]["q"].lora_A["a"].shape == (8, 8) and model.block[0]["q"].lora_B["a"].shape == (12, 8)
+
+
+def test_mixed_rows_equal_single_adapters():
+    model = toy_with_adapters()
+    names, rows = ["c", "a", "b"], lora.adapter_major_rows(3, 2)
+    assert rows.tolist() == [0, 0, 1, 1, 2, 2]
+    with lora.mixed_adapters(model, names, rows):
+        mixed = model(X)
+    assert lora.adapter_names(model) == ["a", "b", "c"]
+    for k, name in enumerate(names):
+        lora.set_adapter(model, name)
+        torch.testing.assert_close(mixed[2 * k:2 * k + 2], model(X)[2 * k:2 * k + 2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mixed[0:2], mixed[2:4])  # the adapters really differ
+
+
+def test_disabled_equals_base_and_state_comes_back():
+    model = toy_with_adapters()
+    with lora.adapters_disabled(model):
+        off = model(X)
+    lora.set_adapter(model, None)
+    assert torch.equal(off, model(X))
+    lora.set_adapter(model, "a")
+    on = model(X)
+    with lora.adapters_disabled(model):
+        pass
+    assert torch.equal(model(X), on) and not torch.allclose(on, off)
+
+
+def test_merge_equals_weighted_forward_and_unmerge_is_exact():
+    model = toy_with_adapters()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {"a": 0.3, "b": 0.5, "c": 0.2}
+    with lora.weighted_adapters(model, weights):
+        unmerged = model(X)
+    lora.set_adapter(model, "a")
+    lora.merge(model, weights)
+    assert not torch.equal(model.block[0]["q"].weight, base["block.0.q.weight"])
+    torch.testing.assert_close(model(X), unmerged, rtol=1e-5, atol=1e-5)  # adapters bypassed while merged
+    lora.unmerge(model)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    with lora.weighted_adapters(model, {"a": 1.0}):
+        single = model(X)
+    assert torch.equal(model(X), single)
+
+
+def test_optimizer_step_changes_only_the_active_adapter():
+    model = toy_with_adapters().train()
+    lora.set_adapter(model, "b")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(lora.adapter_parameters(model, "b"), lr=1e-2)
+    model(X).square().mean().backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_A.b" in k or ".lora_B.b" in k for k in changed)
+
+
+def test_mixed_training_mode_has_gradients_and_dropout():
+    model = toy_with_adapters().train()
+    with lora.mixed_adapters(model, ["a", "b"], lora.adapter_major_rows(2, 3)):
+        out1, out2 = model(X), model(X)
+        out1.sum().backward()
+    assert not torch.equal(out1, out2)  # dropout active in training mode
+    assert model.block[0]["q"].lora_B["a"].grad is not None and model.block[0]["q"].lora_B["c"].grad is None
+
+
+def test_save_load_roundtrip_and_errors(tmp_path):
+    model = toy_with_adapters()
+    lora.save_adapter(model, "b", tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == ("LORA", 4, 8, ["q", "wo"])
+    fresh = Toy().eval()
+    assert lora.load_adapter(fresh, tmp_path / "b", "b2") == "b2"
+    lora.set_adapter(model, "b")
+    assert torch.equal(fresh(X), model(X))
+    lora.save_adapter(model, "c", tmp_path / "c")  # only some layers: loads back to the same layers
+    lora.load_adapter(fresh, tmp_path / "c", "c")
+    assert [p for p, m in lora._layers(fresh) if "c" in m.lora_A] == ["block.0.q", "block.1.q"]
+
+    def broken(edit_config=None, edit_tensors=None, raw=None):
+        d = tmp_path / "broken"
+        lora.save_adapter(model, "b", d)
+        if edit_config:
+            c = json.loads((d / "adapter_config.json").read_text())
+            edit_config(c)
+            (d / "adapter_config.json").write_text(json.dumps(c))
+        if edit_tensors:
+            ts = t5.load_safetensors(str(d / "adapter_model.safetensors"))
+            edit_tensors(ts)
+            t5.save_safetensors(ts, str(d / "adapter_model.safetensors"))  # no fingerprint: like a PEFT file
+        if raw is not None:
+            (d / "adapter_model.safetensors").write_bytes(raw)
+        with pytest.raises(InputError) as e:
+            lora.load_adapter(Toy().eval(), d, "x")
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    key = "base_model.model.block.0.q.lora_A.weight"
+    assert "corrupt" in broken(raw=b"\x00garbage")
+    assert "shape" in broken(edit_config=lambda c: c.update(r=8))
+    assert "missing key " + key in broken(edit_tensors=lambda ts: ts.pop(key))
+    assert "unexpected key" in broken(edit_tensors=lambda ts: ts.update({"base_model.model.lm_head.lora_A.weight": ts[key].clone()}))
+    assert "shape" in broken(edit_tensors=lambda ts: ts.update({key: ts[key][:2]}))
+    assert "unsupported" in broken(edit_config=lambda c: c.update(use_dora=True))
+    with pytest.raises(InputError, match="another base model"):
+        lora.load_adapter(Toy(seed=1).eval(), tmp_path / "b", "b")
+    with pytest.raises(InputError, match="unknown adapter"):
+        lora.set_adapter(model, "zzz")

@@ -1,0 +1,158 @@
+"""rewards.py: metrics against hand-computed values, the three scorers against Hugging Face on tiny
+random models (the oracle), the DynaOpt converter, and the promised errors."""
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import rewards
+import t5
+from t5 import InputError
+
+PROMPTS = ["I feel so alone since my sister moved away.", "Work is fine I guess", "I can't sleep. [SEP] "]
+RESPONSES = ["It sounds like you miss her a lot.", "", "You are worried and tired, and you want rest."]
+CORPUS = PROMPTS + RESPONSES + ["you feel sad and alone", "it sounds like work is hard for you", "sleep is hard"]
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_levenshtein_known_cases():
+    assert rewards.levenshtein(list("kitten"), list("sitting")) == 3
+    assert rewards.levenshtein(list("flaw"), list("lawn")) == 2
+    assert rewards.levenshtein([], ["a", "b"]) == 2
+    assert rewards.levenshtein(["a", "b"], []) == 2
+    assert rewards.levenshtein("the cat sat".split(), "the cat sat".split()) == 0
+    assert rewards.levenshtein("the cat sat on the mat".split(), "a cat sat on mat".split()) == 2
+
+
+def test_edit_rate():
+    assert rewards.edit_rate("", "") == 0.0
+    assert rewards.edit_rate("I am sad", "I am sad") == 0.0
+    # word tokens [I, am, sad, .] vs [you, are, sad, .]: 2 substitutions / 4 tokens
+    assert rewards.edit_rate("I am sad.", "you are sad.") == pytest.approx(2 / 4)
+    # one word vs three: 1 substitution + 2 insertions / 3
+    assert rewards.edit_rate("hello", "a b c") == pytest.approx(1.0)
+    assert rewards.edit_rate("the cat sat on the mat", "a cat sat on mat") == pytest.approx(2 / 6)
+    # the text after [SEP] (policy input form) is not part of the prompt
+    assert rewards.edit_rate("I am sad [SEP] ", "I am sad") == 0.0
+
+
+def test_diversity_2():
+    assert rewards.distinct_2("a a a a") == pytest.approx(1 / 4)          # one distinct bigram (a, a)
+    assert rewards.distinct_2("a b a b a") == pytest.approx(2 / 5)        # (a,b), (b,a)
+    assert rewards.distinct_2("one") == 0.0 and rewards.distinct_2("   ") == 0.0
+    assert rewards.diversity_2(["a a a a", "a b c"]) == pytest.approx((1 / 4 + 2 / 3) / 2)
+    assert rewards.diversity_2([]) == 0.0
+
+
+def test_combine_logsum_and_mean():
+    scores = torch.tensor([[0.5, 0.25, 1.0], [0.0, 0.9, 0.2]])
+    w = torch.tensor([0.5, 0.3, 0.2])
+    expected = torch.tensor([
+        0.5 * math.log(0.5) + 0.3 * math.log(0.25) + 0.2 * math.log(0.9999),   # 1.0 clipped
+        0.5 * math.log(1e-4) + 0.3 * math.log(0.9) + 0.2 * math.log(0.2),       # 0.0 clipped
+    ])
+    torch.testing.assert_close(rewards.combine_logsum(scores, w), expected)
+    torch.testing.assert_close(rewards.combine_logsum(scores, [0.5, 0.3, 0.2]), expected)
+    torch.testing.assert_close(rewards.combine_mean(scores, w), torch.tensor([0.525, 0.31]))
+    torch.testing.assert_close(rewards.combine_mean(scores), scores.mean(dim=1))
+    with pytest.raises(InputError, match="weights"):
+        rewards.combine_logsum(scores, [0.5, 0.5])
+
+
+def test_check_finite():
+    rewards.check_finite(torch.tensor([0.0, 1.0]), "x")
+    with pytest.raises(InputError, match=r"NaN reward from empathy scorer \(row 1\)"):
+        rewards.check_finite(torch.tensor([0.5, float("nan")]), "empathy scorer")
+    with pytest.raises(InputError, match="inf reward"):
+        rewards.check_finite(torch.tensor([float("inf")]), "fluency scorer")
+
+
+# ----------------------------------------------------------------------------- tiny models (HF oracle)
+H = 16
+
+
+def train_bpe(directory, special_tokens):
+    from tokenizers import ByteLevelBPETokenizer
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(CORPUS * 3, vocab_size=320, min_frequency=1, special_tokens=special_tokens, show_progress=False)
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save_model(str(directory))
+    return tokenizer.get_vocab_size()
+
+
+def train_wordpiece(directory):
+    from tokenizers import BertWordPieceTokenizer
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    tokenizer.train_from_iterator(CORPUS * 3, vocab_size=200, min_frequency=1, show_progress=False)
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save_model(str(directory))
+    return tokenizer.get_vocab_size()
+
+
+class DynaOptCrossEncoder(nn.Module):
+    """The public layout of DynaOpt's CrossScorerCrossEncoder (its state_dict is what the .pt holds)."""
+
+    def __init__(self, encoder, hidden):
+        super().__init__()
+        self.cross_encoder = encoder
+        self.l1 = nn.Linear(hidden, 512)
+        self.relu = nn.ELU()
+        self.l2 = nn.Linear(512, 1)
+
+    def forward(self, **batch):
+        cls = self.cross_encoder(**batch).last_hidden_state[:, 0, :]
+        return self.l2(self.relu(self.l1(cls))).sigmoid().squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def reflection(tmp_path_factory):
+    """(scorer directory, HF oracle module, HF tokenizer): roberta.* + head.* in our layout."""
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+    directory = tmp_path_factory.mktemp("reflection")
+    vocab = train_bpe(directory, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=vocab, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=66, type_vocab_size=1,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    oracle = DynaOptCrossEncoder(RobertaModel(config, add_pooling_layer=False), H).eval()
+    with torch.no_grad():
+        oracle.l2.bias.fill_(0.3)
+    config.to_json_file(str(directory / "config.json"))
+    tensors = {k.replace("cross_encoder.", "roberta.").replace("l1.", "head.0.").replace("l2.", "head.2."): v
+               for k, v in oracle.state_dict().items()}
+    t5.save_safetensors(tensors, str(directory / "model.safetensors"))
+    tokenizer = RobertaTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    return directory, oracle, tokenizer
+
+
+@pytest.fixture(scope="module")
+def empathy(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    directory = tmp_path_factory.mktemp("empathy")
+    vocab = train_wordpiece(directory)
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=vocab, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=1)
+    oracle = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        oracle.classifier.bias.fill_(0.5)                  # logits around 0.5: the clamp is exercised both ways
+        oracle.classifier.weight.mul_(30.0)
+    oracle.save_pretrained(str(directory))
+    tokenizer = BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True)
+    return directory, oracle, tokenizer
+
+
+@pytest.fixture(scope="module")
+def fluency(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    directory = tmp_path_factory.mktemp("fluency")
+    vocab = train_bpe(directory, ["<|endoftext|>"])
+    torch.manual_seed(2)
+    config = GPT2Config(vocab_size=vocab, n_embd=H, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    oracle = GPT2LMHeadModel(config).eval()
+    oracle.save_pretrained(str(directory))
+    tokenizer = GPT2Tokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    return directory, oracle, tokenizer
