@@ -144,7 +144,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
 
     def forward(self, x):
-        return F.gelu(self.dense(x))  # erf form, as HF "gelu"
+        return F.gelu(self.dense(x), approximate="tanh")  # erf form, as HF "gelu"
 
 
 class BertLayer(nn.Module):
@@ -306,7 +306,7 @@ class WordPieceTokenizer:
         if self.strip_accents or (self.strip_accents is None and self.do_lower_case):
             text = "".join(ch for ch in unicodedata.normalize("NFD", text) if unicodedata.category(ch) != "Mn")
         if self.do_lower_case:
-            text = text.lower()  # per character: no final-sigma rule, like `tokenizers`
+            text = "".join(ch.lower() for ch in text)  # per character: no final-sigma rule, like `tokenizers`
         return text
 
     def split_words(self, text):

@@ -133,6 +133,11 @@ def test_save_load_roundtrip_and_errors(tmp_path):
     lora.save_adapter(model, "c", tmp_path / "c")  # only some layers: loads back to the same layers
     lora.load_adapter(fresh, tmp_path / "c", "c")
     assert [p for p, m in lora._layers(fresh) if "c" in m.lora_A] == ["block.0.q", "block.1.q"]
+    lora.add_adapter(model, "d", targets=r"block\.1\.(q|wo)")  # a PEFT-style regex: saved as the exact module set
+    lora.save_adapter(model, "d", tmp_path / "d")
+    assert isinstance(json.loads((tmp_path / "d" / "adapter_config.json").read_text())["target_modules"], str)
+    lora.load_adapter(fresh, tmp_path / "d", "d")
+    assert [p for p, m in lora._layers(fresh) if "d" in m.lora_A] == ["block.1.q", "block.1.wo"]
 
     def broken(edit_config=None, edit_tensors=None, raw=None):
         d = tmp_path / "broken"
@@ -161,5 +166,82 @@ def test_save_load_roundtrip_and_errors(tmp_path):
     assert "unsupported" in broken(edit_config=lambda c: c.update(use_dora=True))
     with pytest.raises(InputError, match="another base model"):
         lora.load_adapter(Toy(seed=1).eval(), tmp_path / "b", "b")
+    ts = t5.load_safetensors(str(tmp_path / "b" / "adapter_model.safetensors"))
+    t5.save_safetensors(ts, str(tmp_path / "b" / "adapter_model.safetensors"))  # without fingerprint (PEFT's files)
+    lora.load_adapter(Toy(seed=1).eval(), tmp_path / "b", "b")
     with pytest.raises(InputError, match="unknown adapter"):
         lora.set_adapter(model, "zzz")
+
+
+# ----------------------------------------------------------------------------- T5 + PEFT (oracle)
+@pytest.fixture(scope="module", params=[("relu", True), ("gated-gelu", False)], ids=["relu-tied", "gated-untied"])
+def t5_dir(request, tmp_path_factory):
+    """A tiny random HF T5 saved with save_pretrained, plus a tiny spiece.model."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    ff, tied = request.param
+    d = tmp_path_factory.mktemp("t5")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=160, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2,
+                      feed_forward_proj=ff, tie_word_embeddings=tied, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).eval().save_pretrained(d)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["i feel sad today", "you feel alone", "that sounds hard"] * 5),
+                                   model_writer=buf, vocab_size=24, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    (d / "spiece.model").write_bytes(buf.getvalue())
+    return d
+
+
+def hf_t5(directory):
+    from transformers import T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration.from_pretrained(directory).eval()
+
+
+IDS = torch.tensor([[5, 9, 17, 1, 0], [44, 3, 8, 150, 1]])
+MASK = (IDS != 0).long()
+DEC = torch.tensor([[0, 7, 12, 1], [0, 99, 4, 6]])
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK, decoder_input_ids=DEC).logits
+
+
+def test_t5_adapter_matches_peft_both_ways(t5_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ours, _ = t5.load_t5(str(t5_dir))
+    with torch.no_grad():
+        base = ours(IDS, MASK, DEC)
+    torch.testing.assert_close(base, hf_logits(hf_t5(t5_dir)), rtol=1e-5, atol=1e-5)
+    lora.add_adapter(ours, "ours")
+    assert not any(isinstance(m, lora.LoRALinear) for n, m in ours.named_modules() if n.endswith("lm_head"))
+    with torch.no_grad():
+        assert torch.equal(ours(IDS, MASK, DEC), base)
+    perturb(lora.adapter_parameters(ours, "ours"), seed=3)
+    with torch.no_grad():
+        adapted = ours(IDS, MASK, DEC)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    lora.save_adapter(ours, "ours", tmp_path / "ours", base_model_name_or_path=str(t5_dir))
+    peft_model = PeftModel.from_pretrained(hf_t5(t5_dir), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(hf_logits(peft_model), adapted, rtol=1e-5, atol=1e-5)
+
+    # the other way: a PEFT adapter (no fingerprint in its file) loads here
+    peft_model = get_peft_model(hf_t5(t5_dir), LoraConfig(r=4, lora_alpha=16, lora_dropout=0.05, task_type="SEQ_2_SEQ_LM",
+                                                          target_modules=list(lora.DEFAULT_TARGETS))).eval()
+    perturb([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=4)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert lora.load_adapter(ours, tmp_path / "peft", "peft") == "peft"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS, MASK, DEC), hf_logits(peft_model), rtol=1e-5, atol=1e-5)
+        with lora.adapters_disabled(ours):
+            assert torch.equal(ours(IDS, MASK, DEC), base)
+        with lora.mixed_adapters(ours, ["peft", "ours"], torch.tensor([1, 0])):  # row 0: ours, row 1: peft
+            mixed = ours(IDS, MASK, DEC)
+    torch.testing.assert_close(mixed[0], adapted[0], rtol=1e-4, atol=1e-4)  # bmm sums in another order
+    torch.testing.assert_close(mixed[1], hf_logits(peft_model)[1], rtol=1e-4, atol=1e-4)

@@ -132,15 +132,15 @@ def empathy(tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
     directory = tmp_path_factory.mktemp("empathy")
     vocab = train_wordpiece(directory)
+    tokenizer = BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True)
     torch.manual_seed(1)
     config = BertConfig(vocab_size=vocab, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, num_labels=1)
+                        intermediate_size=32, max_position_embeddings=64, num_labels=1, initializer_range=0.5)
     oracle = BertForSequenceClassification(config).eval()
-    with torch.no_grad():
-        oracle.classifier.bias.fill_(0.5)                  # logits around 0.5: the clamp is exercised both ways
-        oracle.classifier.weight.mul_(30.0)
+    with torch.no_grad():                                   # centre the logits on 0.5: the clamp cuts both ways
+        probe = tokenizer(PROMPTS, RESPONSES, padding=True, return_tensors="pt")
+        oracle.classifier.bias.sub_(oracle(**probe).logits.median() - 0.5)
     oracle.save_pretrained(str(directory))
-    tokenizer = BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True)
     return directory, oracle, tokenizer
 
 
@@ -156,3 +156,66 @@ def fluency(tmp_path_factory):
     oracle.save_pretrained(str(directory))
     tokenizer = GPT2Tokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
     return directory, oracle, tokenizer
+
+
+# ----------------------------------------------------------------------------- scorers vs HF
+def hf_prompts():
+    return [rewards.client_prompt(p) for p in PROMPTS]
+
+
+def test_reflection_scorer_matches_hf(reflection):
+    directory, oracle, tokenizer = reflection
+    scorer = rewards.ReflectionScorer.from_dir(str(directory), batch_size=2)   # batches of 2 and 1
+    batch = tokenizer(hf_prompts(), RESPONSES, padding=True, truncation=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0                                   # padding is exercised
+    with torch.no_grad():
+        expected = oracle(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    scores = scorer(PROMPTS, RESPONSES)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    assert ((scores > 0) & (scores < 1)).all()
+    # one pair alone scores the same as inside a padded batch
+    torch.testing.assert_close(scorer(PROMPTS[:1], RESPONSES[:1]), expected[:1], atol=1e-5, rtol=0)
+
+
+def test_empathy_scorer_matches_hf(empathy):
+    directory, oracle, tokenizer = empathy
+    scorer = rewards.EmpathyScorer.from_dir(str(directory), batch_size=2)
+    batch = tokenizer(hf_prompts(), RESPONSES, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = oracle(**batch).logits[:, 0]
+    scores = scorer(PROMPTS, RESPONSES)
+    torch.testing.assert_close(scores, logits.clamp(0, 1), atol=1e-5, rtol=0)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert (logits < 0).any() or (logits > 1).any()                         # the clamp acted
+    assert ((scores > 0) & (scores < 1)).any()
+
+
+def hf_perplexity(oracle, tokenizer, prompt, response):
+    ids = torch.tensor([tokenizer(prompt, response)["input_ids"]])          # the public code's pair call
+    with torch.no_grad():
+        return torch.exp(oracle(input_ids=ids, labels=ids).loss).item()
+
+
+def test_fluency_scorer_matches_hf(fluency):
+    directory, oracle, tokenizer = fluency
+    scorer = rewards.FluencyScorer.from_dir(str(directory), batch_size=2)
+    expected = torch.tensor([hf_perplexity(oracle, tokenizer, p, r) for p, r in zip(hf_prompts(), RESPONSES)])
+    torch.testing.assert_close(scorer.perplexity(PROMPTS, RESPONSES), expected, rtol=1e-5, atol=0)
+    # a random tiny model has ppl ~ vocab size > 50, so the real cap gives 0; a larger cap shows the formula
+    assert torch.equal(scorer(PROMPTS, RESPONSES), torch.zeros(3))
+    scorer.cap = 1000.0
+    torch.testing.assert_close(scorer(PROMPTS, RESPONSES), ((1000.0 - expected) / 1000.0).clamp(0, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_load_scorers_and_score_all(reflection, empathy, fluency):
+    directories = {"reflection": str(reflection[0]), "empathy": str(empathy[0]), "fluency": str(fluency[0])}
+    scorers = rewards.load_scorers(directories)
+    assert list(scorers) == list(rewards.OBJECTIVES)
+    scores = rewards.score_all(scorers, PROMPTS, RESPONSES)
+    assert list(scores) == list(rewards.OBJECTIVES)
+    for name, values in scores.items():
+        torch.testing.assert_close(values, scorers[name](PROMPTS, RESPONSES))
+        assert values.shape == (3,) and ((values >= 0) & (values <= 1)).all()
+    with pytest.raises(InputError, match="unknown objective 'coherence'"):
+        rewards.load_scorers({"coherence": str(empathy[0])})

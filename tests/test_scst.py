@@ -76,11 +76,10 @@ def test_exp3_updates_match_hand_computation():
     bandit.update(2, -0.2)       # a loss: w2 = exp(0.07 * (-0.2 / 0.331156) / 3)
     assert bandit.weights == pytest.approx([1.0212220516375285, 1.0, 0.9860067701564359])
     assert bandit.probabilities() == pytest.approx([0.33915117238168857, 0.3325881506788281, 0.32826067693948313])
-    counts = [0, 0, 0]
+    bandit.weights = [50.0, 1.0, 1.0]                        # p = (0.918, 0.041, 0.041)
     rng = random.Random(0)
-    for _ in range(3000):
-        counts[bandit.choose(rng)] += 1
-    assert counts[0] > counts[2]                             # draws follow the probabilities
+    draws = [bandit.choose(rng) for _ in range(3000)]
+    assert 0.89 < draws.count(0) / 3000 < 0.94              # draws follow the probabilities
 
 
 def test_single_objective_reward_is_the_raw_score_and_logsum_combines():
@@ -102,7 +101,7 @@ def tiny(tmp_path_factory):
     rng = random.Random(0)
     sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
     (folder / "corpus.txt").write_text("\n".join(sentences))
-    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=60,
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=40,
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram", minloglevel=2)
     tokenizer = t5.T5Tokenizer(str(folder / "spiece.model"))
     config = t5.T5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1,

@@ -1,0 +1,337 @@
+"""search.py / report.py: ensemble decoding (Eq. 2, Appendix 11.1-11.2) against single-adapter greedy
+decoding and a no-cache recompute, Algorithm 1 against a plain reference and known optima, resume,
+Pareto/hypervolume on hand-computed fronts, the SVG, and the promised InputErrors."""
+import itertools
+import json
+import math
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+import lora
+import report
+import search
+import t5
+from t5 import InputError
+
+NAMES = ["reflection", "empathy", "fluency"]
+
+
+# ----------------------------------------------------------------------------- tiny model with adapters
+@pytest.fixture(scope="module")
+def tiny():
+    """float64 (so bmm vs matmul round-off can never flip an argmax) random T5 with 3 adapters whose B
+    matrices are perturbed (B = 0 at init would make every adapter equal the base model)."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=48, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0)
+    model = t5.T5ForConditionalGeneration(cfg).double()
+    for name in ("a", "b", "c", "a_copy"):
+        lora.add_adapter(model, name, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for _, m in lora._layers(model):
+            for name in ("a", "b", "c"):
+                m.lora_B[name].normal_(0.0, 0.3)
+            m.lora_A["a_copy"].copy_(m.lora_A["a"])
+            m.lora_B["a_copy"].copy_(m.lora_B["a"])
+    model.eval()
+    ids = torch.randint(3, cfg.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    ids[2, 5:], mask[2, 5:] = 0, 0  # a padded row
+    return model, ids, mask
+
+
+def single(model, name, ids, mask, steps=10):
+    lora.set_adapter(model, name)
+    try:
+        return t5.generate(model, ids, mask, max_new_tokens=steps)[0]
+    finally:
+        lora.set_adapter(model, None)
+
+
+@pytest.mark.parametrize("level", search.LEVELS)
+def test_one_hot_ensemble_equals_single_adapter_greedy(tiny, level):
+    model, ids, mask = tiny
+    singles = [single(model, n, ids, mask) for n in ("a", "b", "c")]
+    assert not torch.equal(singles[0], singles[1]) or not torch.equal(singles[1], singles[2])  # adapters differ
+    for i, expected in enumerate(singles):
+        weights = [0.0, 0.0, 0.0]
+        weights[i] = 0.7  # any positive scale: weights are normalised
+        got = search.ensemble_generate(model, ["a", "b", "c"], weights, ids, mask, level=level, max_new_tokens=10)
+        assert torch.equal(got, expected), (level, i)
+    assert all(m.unmerged is None for _, m in lora._layers(model))  # param level unmerged again
+
+
+@pytest.mark.parametrize("level", search.LEVELS)
+def test_two_equal_adapters_with_half_weights_equal_one(tiny, level):
+    model, ids, mask = tiny
+    expected = single(model, "a", ids, mask)
+    got = search.ensemble_generate(model, ["a", "a_copy"], [0.5, 0.5], ids, mask, level=level, max_new_tokens=10)
+    assert torch.equal(got, expected)
+
+
+def reference_ensemble(model, names, weights, ids, mask, level, steps):
+    """No mixed batch, no KV cache: each adapter alone re-runs the whole prefix at every step."""
+    weights = [w / sum(weights) for w in weights]
+    encoded = {}
+    for n in names:
+        lora.set_adapter(model, n)
+        encoded[n] = model.encode(ids, mask)
+    prefix = torch.zeros(ids.shape[0], 1, dtype=torch.long)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        hidden, logits = 0, 0
+        for n, w in zip(names, weights):
+            lora.set_adapter(model, n)
+            f = model.decode(prefix, encoded[n], mask)[0][:, -1]
+            hidden, logits = hidden + w * f, logits + w * model.logits(f)
+        lora.set_adapter(model, None)
+        token = (model.logits(hidden) if level == "hidden" else logits).argmax(-1).masked_fill(done, 0)
+        prefix = torch.cat([prefix, token[:, None]], 1)
+        done |= token == 1
+        if done.all():
+            break
+    return prefix[:, 1:]
+
+
+@pytest.mark.parametrize("level", ["hidden", "logit"])
+def test_cached_mixed_batch_equals_full_recompute(tiny, level):
+    model, ids, mask = tiny
+    names, weights = ["a", "b", "c"], [0.6, 0.3, 0.1]
+    with torch.no_grad():
+        expected = reference_ensemble(model, names, weights, ids, mask, level, 10)
+    got = search.ensemble_generate(model, names, weights, ids, mask, level=level, max_new_tokens=10)
+    assert torch.equal(got, expected)
+    assert not all(torch.equal(got, single(model, n, ids, mask)) for n in names[:1])  # a real mixture
+
+
+def test_ensemble_rejects_bad_weights_and_level(tiny):
+    model, ids, mask = tiny
+    for weights in ([0, 0, 0], [1, 1], [1, -1, 1]):
+        with pytest.raises(InputError):
+            search.ensemble_generate(model, ["a", "b", "c"], weights, ids, mask)
+    with pytest.raises(InputError, match="level"):
+        search.ensemble_generate(model, ["a", "b", "c"], [1, 1, 1], ids, mask, level="token")
+
+
+def test_make_objective_scores_the_decoded_texts(tiny):
+    model, ids, mask = tiny
+
+    class Tok:  # ids <-> words "t<id>"; policy_input appends " [SEP] "
+        def batch_encode(self, texts, max_length=128, device="cpu"):
+            rows = [[3 + (sum(map(ord, w)) % 40) for w in t.split()][: max_length - 1] + [1] for t in texts]
+            width = max(map(len, rows))
+            out = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, r in enumerate(rows):
+                out[i, : len(r)] = torch.tensor(r)
+            return out, (out != 0).long()
+
+        def batch_decode(self, tokens):
+            return [" ".join(f"t{i}" for i in row if i > 1) for row in tokens.tolist()]
+
+    prompts = ["i feel sad", "work is hard today", "nothing helps", "hello there you"]
+    seen = []
+    scorers = {"length": lambda p, r: torch.tensor([min(len(x) / 40, 1.0) for x in r]),
+               "has_t5": lambda p, r: (seen.extend(zip(p, r)), torch.tensor([float("t5" in x.split()) for x in r]))[1]}
+    objective = search.make_objective(model, Tok(), ["a", "b", "c"], scorers, prompts, batch_size=3, max_new_tokens=6)
+    mean, per = objective([0.0, 1.0, 0.0])
+    ids, mask = Tok().batch_encode([p + " [SEP] " for p in prompts])
+    texts = Tok().batch_decode(single(model, "b", ids, mask, steps=6))
+    expected = [np.mean([min(len(x) / 40, 1.0) for x in texts]), np.mean([float("t5" in x.split()) for x in texts])]
+    assert per == pytest.approx(expected) and mean == pytest.approx(sum(expected) / 2)
+    assert seen == list(zip(prompts, texts))  # scorers get the raw prompt and its own response
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+def cosine_objective(peak, calls=None):
+    """Scale-invariant smooth peak: cosine between the direction and `peak` (decoding sees only w/Σw)."""
+    peak = np.asarray(peak, dtype=float)
+
+    def objective(weights):
+        w = np.asarray(weights, dtype=float)
+        if calls is not None:
+            calls.append(tuple(weights))
+        if not w.any():
+            return -math.inf, [-math.inf] * len(w)
+        value = float(w @ peak / np.linalg.norm(w) / np.linalg.norm(peak))
+        return value, [value - 0.01 * i for i in range(len(w))]
+    return objective
+
+
+def plain_algorithm_1(objective, d, iterations):
+    """Algorithm 1 as printed: every grid point of every iteration evaluated, nothing shared."""
+    best_point, best_score, bounds, all_bounds, evaluations = None, -math.inf, [(0.0, 1.0)] * d, [], 0
+    for _ in range(iterations):
+        all_bounds.append([list(b) for b in bounds])
+        points = list(itertools.product(*[(lo, (lo + hi) / 2, hi) for lo, hi in bounds]))
+        results = {}
+        for p in points:
+            results[p] = objective(list(p))[0]
+            evaluations += 1
+        current = max(points, key=results.__getitem__)
+        if results[current] > best_score:
+            best_point, best_score = list(current), results[current]
+        region, region_total = None, -math.inf
+        for halves in itertools.product((0, 1), repeat=d):
+            cube = [(lo, (lo + hi) / 2) if h == 0 else ((lo + hi) / 2, hi) for (lo, hi), h in zip(bounds, halves)]
+            total = sum(results[c] for c in itertools.product(*cube))
+            if region is None or total > region_total:
+                region, region_total = cube, total
+        bounds = region
+    return best_point, best_score, all_bounds, evaluations
+
+
+def distance_to_ray(point, peak):
+    """min over c >= 0 of max_i |point_i - c·peak_i| (the optimum of a scale-invariant objective is a ray)."""
+    point, peak = np.asarray(point), np.asarray(peak)
+    return min(np.abs(point - c * peak).max() for c in np.linspace(0.0, 1.0 / peak.max(), 20001))
+
+
+@pytest.mark.parametrize("peak", [(0.3, 0.9), (0.8, 0.5, 0.05), (1.0, 0.2, 0.6), (0.2, 0.7, 0.4, 0.9)])
+def test_search_finds_known_optimum_and_matches_plain_algorithm(peak):
+    d, calls = len(peak), []
+    result = search.hierarchical_grid_search(cosine_objective(peak, calls), d, iterations=5)
+    assert distance_to_ray(result["best_weights"], peak) <= 1 / 32  # within one final grid cell
+    plain_best, plain_score, plain_bounds, plain_count = plain_algorithm_1(cosine_objective(peak), d, 5)
+    assert result["best_weights"] == plain_best and result["best_score"] == plain_score
+    assert [it["bounds"] for it in result["iterations"]] == plain_bounds
+    assert len(calls) == len(result["evaluations"]) == len({search.ray_key(c) for c in calls})  # each ray once
+    assert all(abs(sum(c) - 1) < 1e-12 for c in calls)  # the objective sees the normalised direction
+    assert len(calls) <= search.max_evaluations(d, 5) < plain_count
+    print(f"d={d} peak={peak}: {len(calls)} distinct evaluations (memo only <= {search.max_evaluations(d, 5) + 1}, "
+          f"plain {plain_count}) best {result['best_weights']}")
+    if d == 3:
+        assert len(calls) <= 95  # 19 rays in iteration 1, <= 19 new per refinement
+
+
+def test_memo_equals_plain_with_ties():
+    """A coarse objective full of ties: the fixed lexicographic tie rule must give the plain result."""
+    cosine = cosine_objective((0.6, 0.3, 0.5))
+
+    def objective(w):
+        value = cosine(w)[0]
+        value = round(value, 1) if math.isfinite(value) else value
+        return value, [value]
+    result = search.hierarchical_grid_search(objective, 3, iterations=4)
+    best, score, bounds, _ = plain_algorithm_1(objective, 3, 4)
+    assert (result["best_weights"], result["best_score"]) == (best, score)
+    assert [it["bounds"] for it in result["iterations"]] == bounds
+    assert result["best_weights"] == [0.0, 0.0, 0.5]  # first maximum: every ray but (0,0,0) ties at 0.x
+
+
+def test_zero_weights_are_never_decoded():
+    calls = []
+    result = search.hierarchical_grid_search(cosine_objective((0.1, 0.1), calls), 2, iterations=3)
+    assert all(sum(c) > 0 for c in calls)
+    assert result["iterations"][0]["means"][0] is None  # (0, 0): -inf, stored as null
+    assert (0.0, 0.0) not in [tuple(r["weights"]) for r in result["evaluations"]]
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run():
+    peak = (0.8, 0.5, 0.05)
+    full = search.hierarchical_grid_search(cosine_objective(peak), 3, iterations=5)
+    logged, calls = [], []
+
+    def dying(w, budget=[40]):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise KeyboardInterrupt  # like kill: the log holds what finished
+        return cosine_objective(peak)(w)
+    with pytest.raises(KeyboardInterrupt):
+        search.hierarchical_grid_search(dying, 3, iterations=5, on_eval=logged.append)
+    assert len(logged) == 40
+    log = json.loads(json.dumps(logged))  # as read back from search.json
+    resumed = search.hierarchical_grid_search(cosine_objective(peak, calls), 3, iterations=5, log=log)
+    logged_rays = {search.ray_key(r["weights"]) for r in logged}
+    assert calls and not logged_rays & {search.ray_key(c) for c in calls}  # nothing re-evaluated
+    assert len(calls) == len(full["evaluations"]) - 40
+    strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r["evaluations"]]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert {k: resumed[k] for k in ("best_weights", "best_score", "iterations")} == \
+           {k: full[k] for k in ("best_weights", "best_score", "iterations")}
+
+
+def test_run_search_writes_log_resumes_and_reports(tmp_path, capsys):
+    out, svg = tmp_path / "search.json", tmp_path / "search.svg"
+    peak, meta = (0.8, 0.5, 0.05), {"adapters": ["runs/a", "runs/b", "runs/c"], "level": "hidden"}
+    count = [0]
+
+    def dying(w):
+        count[0] += 1
+        if count[0] > 25:
+            raise KeyboardInterrupt
+        return cosine_objective(peak)(w)
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(dying, NAMES, str(out), iterations=3, meta=meta)
+    assert len(t5.read_json(str(out))["evaluations"]) == 25  # written after every evaluation
+    calls = []
+    final = search.run_search(cosine_objective(peak, calls), NAMES, str(out), iterations=3, svg_path=str(svg), meta=meta)
+    reference = search.hierarchical_grid_search(cosine_objective(peak), 3, iterations=3)
+    assert final["best_weights"] == reference["best_weights"] and len(calls) == len(reference["evaluations"]) - 25
+    stored = t5.read_json(str(out))
+    assert stored["best_weights"] == reference["best_weights"] and stored["pareto"]["front"]
+    assert ET.fromstring(svg.read_text()).tag.endswith("svg")
+    printed = capsys.readouterr().out
+    assert "resuming: 25 evaluations" in printed and "Pareto front" in printed and "hypervolume" in printed
+    line = search.format_evaluation(12, 102, {"weights": [0.75, 0.5, 0.0], "scores": [0.8123, 0.655, 0.7011],
+                                              "mean": 0.7228, "seconds": 1.23}, NAMES)
+    assert line == "eval 12/102 | w=(0.750,0.500,0.000) | reflection 0.812 empathy 0.655 fluency 0.701 | mean 0.723 | 1.2s"
+    with pytest.raises(InputError, match="different search"):
+        search.run_search(cosine_objective(peak), NAMES, str(out), iterations=3, meta={**meta, "level": "logit"})
+
+
+# ----------------------------------------------------------------------------- Pareto, hypervolume, SVG
+def test_pareto_front_hand_case():
+    points = [(1, 2), (2, 1), (1, 1), (2, 2), (0, 3), (2, 2)]
+    assert report.pareto_front(points) == [3, 4, 5]  # (2,2) twice: equal points do not dominate
+    assert report.pareto_front([(0.5, 0.2, 0.9), (0.4, 0.2, 0.9), (0.1, 0.9, 0.1)]) == [0, 2]
+
+
+def test_hypervolume_hand_cases():
+    assert report.hypervolume([(1, 3), (2, 2), (3, 1)]) == 6.0  # 3·1 + 2·1 + 1·1
+    assert report.hypervolume([(1, 3), (2, 2), (3, 1), (1, 1)]) == 6.0  # a dominated point adds nothing
+    assert report.hypervolume([(3, 3)], reference=(1, 2)) == 2.0
+    assert report.hypervolume([(0.5, -1.0)]) == 0.0  # below the reference in one objective
+    assert report.hypervolume([(1, 1, 1)]) == 1.0
+    assert report.hypervolume([(2, 1, 1), (1, 2, 1)]) == 3.0  # 2 + 2 - 1
+    assert report.hypervolume([(2, 1, 1), (1, 2, 1), (1, 1, 2)]) == 4.0  # 6 - 3·1 + 1
+    assert report.hypervolume([(0.5, 0.5, 0.5), (1.0, 0.25, 0.5)]) == pytest.approx(0.125 + 0.0625)
+    assert report.hypervolume([]) == 0.0
+
+
+def test_pareto_report_keeps_non_dominated_records():
+    records = [{"weights": [1, 0], "direction": [1, 0], "scores": [0.9, 0.1], "mean": 0.5},
+               {"weights": [0, 1], "direction": [0, 1], "scores": [0.2, 0.8], "mean": 0.5},
+               {"weights": [1, 1], "direction": [.5, .5], "scores": [0.1, 0.1], "mean": 0.1}]
+    rep = report.pareto_report(records, ["x", "y"])
+    assert [r["weights"] for r in rep["front"]] == [[1, 0], [0, 1]]
+    assert rep["hypervolume"] == pytest.approx(0.9 * 0.1 + 0.2 * 0.7)
+    assert "hypervolume 0.2300" in report.format_report(rep)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_svg_one_panel_per_iteration_one_marker_per_point(d):
+    result = search.hierarchical_grid_search(cosine_objective((0.8, 0.5, 0.05)[:d]), d, iterations=3)
+    svg = report.search_svg(result["iterations"], NAMES[:d])
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    panels = [g for g in root.iter(ns + "g") if g.get("class") == "panel"]
+    assert len(panels) == 3
+    for panel, it in zip(panels, result["iterations"]):
+        markers = [c for c in panel.iter(ns + "circle") if c.get("class") == "point"]
+        assert len(markers) == len(it["points"]) == 3 ** d
+        assert sum(r.get("class") == "chosen" for r in panel.iter(ns + "rect")) == 2 ** (d - 2)
+    assert any(c.get("fill") == "#bbbbbb" for c in root.iter(ns + "circle"))  # w = 0, never decoded
+
+
+# ----------------------------------------------------------------------------- weights on the command line
+def test_parse_weights():
+    assert search.parse_weights("0.8,0.5,0.05", 3) == [0.8, 0.5, 0.05]
+    assert search.parse_weights(" 1 , 0 ", 2) == [1.0, 0.0]
+    for text, message in [("0.8,x,0.05", "'x' is not a number"), ("0.8,0.5", "expected 3 weights"),
+                          ("0.8,-0.5,0.05", "negative"), ("0,0,0", "all weights are zero"),
+                          ("0.8,nan,0.1", "not a finite number"), ("0.8,inf,0.1", "not a finite number"), ("", "not a number")]:
+        with pytest.raises(InputError, match=message) as e:
+            search.parse_weights(text, 3)
+        assert "\n" not in str(e.value)

@@ -1,0 +1,341 @@
+"""t5.py against Hugging Face (test oracle only) on tiny random models: encoder output, decoder
+hidden states, logits, greedy generation, KV cache, tokenizer, strict loader errors."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import t5
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 256  # 150 SentencePiece pieces + 100 sentinels, rounded up like T5's 32128
+TINY = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.1,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def sentences(n, seed=0):
+    rng = random.Random(seed)
+    syllables = "ka lo mi ne ru ta shi po fe gu an er in ou th st".split()
+    words = "the a client feel felt really so tired work home family stress I you we it's 42 3.14 café naïve " \
+            "über — “quoted” (paren) ok! why? yes, no; well: e-mail".split()
+    words += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(300)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def spiece(tmp_path_factory):
+    import sentencepiece
+
+    folder = tmp_path_factory.mktemp("spiece")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(sentences(400)), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=150, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    return str(folder / "spiece.model")
+
+
+def hf_model(family, seed=0):
+    """A tiny random HF T5. 'v1.0': ReLU, tied + rescaled; 'v1.1': gated-GELU, no rescale (HF 5.x
+    ties the head to the embedding); 'v1.1-untied': gated-GELU with its own lm_head (flan layout)."""
+    torch.manual_seed(seed)
+    gated = family != "v1.0"
+    config = transformers.T5Config(**TINY, feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated)
+    model = transformers.T5ForConditionalGeneration(config)
+    with torch.no_grad():  # HF's init makes a tiny model emit one token forever: spread the weights out
+        for name, p in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name != "shared.weight":
+                p.normal_(0.0, 2.0 * p.shape[-1] ** -0.5)
+    if family == "v1.1-untied":
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32) * 32 ** -0.5)
+    return model.eval()
+
+
+def save_hf(model, spiece_path, folder, family):
+    """save_pretrained; for the untied family write the HF 4.x / flan layout by hand (HF 5.x would
+    re-tie on construction): tie_word_embeddings false, lm_head.weight and the tied embed copies."""
+    model.save_pretrained(folder)
+    with open(spiece_path, "rb") as f:
+        (folder / "spiece.model").write_bytes(f.read())
+    if family == "v1.1-untied":
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("scale_decoder_outputs")
+        config["tie_word_embeddings"] = False
+        (folder / "config.json").write_text(json.dumps(config))
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
+        state["decoder.embed_tokens.weight"] = state["shared.weight"].clone()
+        t5.save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+FAMILIES = ["v1.0", "v1.1", "v1.1-untied"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, spiece, tmp_path_factory):
+    """(HF model, our model loaded from HF's files, folder)."""
+    hf = hf_model(request.param)
+    folder = save_hf(hf, spiece, tmp_path_factory.mktemp(request.param.replace(".", "")), request.param)
+    ours, _ = t5.load_t5(folder)
+    return hf, ours, folder
+
+
+def batch(lengths=(7, 40, 3), seed=1):
+    """Right-padded random prompts; 40 > relative_attention_max_distance (20)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n - 1] = torch.randint(3, 150, (n - 1,), generator=g)
+        ids[i, n - 1] = 1
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_config_and_parameter_names_match_hf(pair):
+    hf, ours, folder = pair
+    untied = not ours.config.tie_word_embeddings
+    assert untied == (not torch.equal(hf.lm_head.weight, hf.shared.weight))
+    hf_keys = set(hf.state_dict()) - {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} - ({"lm_head.weight"} if not untied else set())
+    assert set(ours.state_dict()) == hf_keys
+    assert ours.config.scale_decoder_outputs == hf.config.scale_decoder_outputs
+
+
+def test_encoder_decoder_logits_match_hf(pair):
+    hf, ours, _ = pair
+    ids, mask = batch()
+    decoder_ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(1, VOCAB, (3, 30))], 1)  # 31 > 20 too
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+        encoder_hidden = ours.encode(ids, mask)
+        hidden, _ = ours.decode(decoder_ids, encoder_hidden, mask)
+        close(encoder_hidden, ref.encoder_last_hidden_state)
+        close(hidden, hf.get_decoder()(input_ids=decoder_ids, encoder_hidden_states=encoder_hidden,
+                                      encoder_attention_mask=mask).last_hidden_state)
+        close(ours.logits(hidden), ref.logits)
+        close(ours(ids, mask, decoder_ids), ref.logits)
+
+
+def test_train_mode_uses_dropout(pair):
+    _, ours, _ = pair
+    ids, mask = batch()
+    ours.train()
+    try:
+        a, b = (ours(ids, mask, ids[:, :5]) for _ in range(2))
+    finally:
+        ours.eval()
+    assert not torch.allclose(a, b)
+
+
+def scripted_eos(ours, ids, mask):
+    """An eos id that our model emits for row 0 at step 3, so rows finish at different steps."""
+    eos = ours.config.eos_token_id
+    ours.config.eos_token_id = -1
+    tokens, _ = t5.generate(ours, ids, mask, max_new_tokens=8)
+    ours.config.eos_token_id = eos
+    return int(tokens[0, 3])
+
+
+def test_greedy_generation_matches_hf(pair):
+    hf, ours, _ = pair
+    ids, mask = batch()
+    eos = scripted_eos(ours, ids, mask)
+    assert eos != 0
+    ours.config.eos_token_id = eos
+    try:
+        tokens, logprobs = t5.generate(ours, ids, mask, max_new_tokens=12)
+    finally:
+        ours.config.eos_token_id = 1
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_length=0, num_beams=1,
+                          do_sample=False, eos_token_id=eos, pad_token_id=0, decoder_start_token_id=0,
+                          output_scores=True, return_dict_in_generate=True)
+    assert tokens[0, 3] == eos and tokens[0, 4:].eq(0).all()  # row 0 finished, then padding
+    assert torch.equal(tokens, ref.sequences[:, 1:])
+    ref_logprobs = torch.stack(ref.scores, 1).log_softmax(-1).gather(2, tokens[:, :, None]).squeeze(2)
+    after_eos = tokens.eq(eos).long().cumsum(1) - tokens.eq(eos).long() > 0
+    close(logprobs, ref_logprobs.masked_fill(after_eos, 0.0))
+
+
+def test_kv_cache_equals_full_recompute(pair):
+    _, ours, _ = pair
+    ids, mask = batch()
+    decoder_ids = torch.randint(3, VOCAB, (3, 25))
+    with torch.no_grad():
+        encoder_hidden = ours.encode(ids, mask)
+        cache = None
+        for t in range(decoder_ids.shape[1]):
+            step, cache = ours.decode(decoder_ids[:, t:t + 1], encoder_hidden, mask, cache)
+            full, _ = ours.decode(decoder_ids[:, :t + 1], encoder_hidden, mask)
+            close(step[:, 0], full[:, -1])
+        assert cache.length == 25 and cache.self_kv[0][0].shape[2] == 25
+        # a multi-token chunk after a cached prefix (causal mask with an offset)
+        _, cache = ours.decode(decoder_ids[:, :10], encoder_hidden, mask)
+        chunk, _ = ours.decode(decoder_ids[:, 10:], encoder_hidden, mask, cache)
+        close(chunk, full[:, 10:])
+
+
+def test_save_t5_roundtrip_loads_in_hf(pair, tmp_path, spiece):
+    hf, ours, _ = pair
+    t5.save_t5(ours, spiece, tmp_path)
+    again, tokenizer = t5.load_t5(str(tmp_path))
+    assert again.config == ours.config and tokenizer.vocab_size == 250
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        close(reloaded(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :6]).logits, ours(ids, mask, ids[:, :6]))
+
+
+def test_decode_loop_finished_mask_and_sampling():
+    # scripted logits: row 0 says eos at step 1, row 1 never; vocabulary of 5
+    steps = []
+
+    def next_logits(last):
+        steps.append(last.clone())
+        logits = torch.full((2, 5), -5.0)
+        logits[:, 3] = 0.0
+        if len(steps) == 2:
+            logits[0, 1] = 5.0
+        return logits
+
+    tokens, logprobs = t5.decode_loop(next_logits, 2, max_new_tokens=4, start_id=0, eos_id=1, pad_id=0)
+    assert tokens.tolist() == [[3, 1, 0, 0], [3, 3, 3, 3]]
+    assert steps[0].tolist() == [0, 0] and steps[2].tolist() == [0, 3]  # start token, then pad after eos
+    assert logprobs[0, 2:].eq(0).all() and logprobs[1].lt(0).all()
+    close(logprobs[0, 1], torch.log_softmax(torch.tensor([-5.0, 5.0, -5.0, 0.0, -5.0]), 0)[1])
+    # stops early once every row has finished
+    tokens, _ = t5.decode_loop(lambda last: torch.tensor([[0.0, 9.0]]).expand(3, 2), 3, max_new_tokens=10)
+    assert tokens.tolist() == [[1]] * 3
+    # sampling: reproducible with a generator, logprob = log_softmax(logits / temperature)[token]
+    logits = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
+    runs = [t5.decode_loop(lambda last: logits, 4, max_new_tokens=6, eos_id=-1, do_sample=True, temperature=0.7,
+                           generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    tokens, logprobs = runs[0]
+    close(logprobs, torch.log_softmax(logits / 0.7, -1).gather(1, tokens))
+    greedy, _ = t5.decode_loop(lambda last: logits, 4, max_new_tokens=2, eos_id=-1)
+    assert torch.equal(greedy[:, 0], logits.argmax(-1))
+
+
+def test_sampling_from_the_model_is_seeded(pair):
+    _, ours, _ = pair
+    ids, mask = batch()
+    a, b = (t5.generate(ours, ids, mask, max_new_tokens=6, do_sample=True, generator=torch.Generator().manual_seed(5))
+            for _ in range(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- tokenizer
+TEXTS = ["Hello, world!", "I feel so tired   at work.", "", "  leading and trailing  ", "café naïve 3.14 — “x”",
+         "日本語 text", "a\tb\nc", "über-ok?!", "(paren) e-mail: yes; no", "12345 67.8%"] + sentences(20, seed=7)
+
+
+def test_tokenizer_matches_hf(spiece):
+    hf = transformers.T5Tokenizer.from_pretrained(os.path.dirname(spiece))
+    ours = t5.T5Tokenizer(spiece)
+    assert ours.vocab_size == len(hf) == 250
+    assert hf.convert_tokens_to_ids("<extra_id_0>") == ours.vocab_size - 1
+    for text in TEXTS:
+        assert ours.encode(text) == hf(text)["input_ids"], text
+    ids, mask = ours.batch_encode(TEXTS, max_length=12)
+    ref = hf(TEXTS, max_length=12, truncation=True, padding="longest", return_tensors="pt")
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    assert ids.shape[1] == 12 and ids[ids.ne(0).sum(1) == 12][:, -1].eq(1).all()  # truncation keeps eos
+    for text in TEXTS[-20:] + ["I feel so tired at work."]:
+        assert ours.decode(ours.encode(text)) == text == hf.decode(hf(text)["input_ids"], skip_special_tokens=True)
+    with_specials = torch.tensor([[3, 66, 249, 1, 0, 0]])
+    assert ours.batch_decode(with_specials) == [hf.decode([3, 66], skip_special_tokens=True)]
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def good_dir(spiece, tmp_path):
+    folder = tmp_path / "policy"
+    return save_hf(hf_model("v1.0"), spiece, folder, "v1.0")
+
+
+def rewrite_tensors(folder, edit):
+    path = os.path.join(folder, "model.safetensors")
+    tensors = t5.load_safetensors(path)
+    edit(tensors)
+    t5.save_safetensors(tensors, path)
+
+
+def expect_error(folder, *words):
+    with pytest.raises(t5.InputError) as info:
+        t5.load_t5(folder)
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_load_errors_name_the_problem(good_dir):
+    t5.load_t5(good_dir)  # the fixture itself loads
+    key = "decoder.block.1.layer.2.DenseReluDense.wo.weight"
+    rewrite_tensors(good_dir, lambda t: t.pop(key))
+    expect_error(good_dir, "missing key", key)
+
+
+def test_unexpected_key(good_dir):
+    rewrite_tensors(good_dir, lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.extra.weight": torch.zeros(2)}))
+    expect_error(good_dir, "unexpected key", "encoder.block.0.layer.0.SelfAttention.extra.weight")
+
+
+def test_wrong_shape(good_dir):
+    key = "encoder.block.1.layer.0.SelfAttention.q.weight"
+    rewrite_tensors(good_dir, lambda t: t.update({key: torch.zeros(32, 31)}))
+    expect_error(good_dir, key, "(32, 31)")
+
+
+def test_untied_embedding_copy_is_refused(good_dir):
+    rewrite_tensors(good_dir, lambda t: t.update({"decoder.embed_tokens.weight": torch.zeros(VOCAB, 32)}))
+    expect_error(good_dir, "decoder.embed_tokens.weight", "shared.weight")
+
+
+def test_truncated_safetensors(good_dir):
+    path = os.path.join(good_dir, "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    expect_error(good_dir, "model.safetensors", "truncated")
+
+
+def test_missing_files_and_bad_config(good_dir):
+    os.remove(os.path.join(good_dir, "spiece.model"))
+    expect_error(good_dir, "spiece.model", "not found")
+    open(os.path.join(good_dir, "spiece.model"), "wb").write(b"not a model")
+    expect_error(good_dir, "spiece.model")
+    config_path = os.path.join(good_dir, "config.json")
+    config = json.load(open(config_path))
+    json.dump({**config, "feed_forward_proj": "gated-swish"}, open(config_path, "w"))
+    expect_error(good_dir, "config.json", "gated-swish")
+    json.dump({k: v for k, v in config.items() if k != "d_model"}, open(config_path, "w"))
+    expect_error(good_dir, "config.json", "d_model")
+    open(config_path, "w").write("{not json")
+    expect_error(good_dir, "config.json", "malformed")
+    os.remove(config_path)
+    expect_error(good_dir, "config.json", "not found")
+    os.remove(os.path.join(good_dir, "model.safetensors"))
+    expect_error(good_dir + "-nowhere", "not a directory")
+
+
+def test_config_reads_act_keys_without_feed_forward_proj(tmp_path):
+    path = tmp_path / "config.json"
+    base = {k: TINY[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")}
+    path.write_text(json.dumps({**base, "is_gated_act": True, "dense_act_fn": "gelu_new", "tie_word_embeddings": False}))
+    config = t5.T5Config.from_json(str(path))
+    assert config.feed_forward_proj == "gated-gelu" and not config.scale_decoder_outputs and config.num_decoder_layers == 2
+    path.write_text(json.dumps({**base, "is_gated_act": False, "dense_act_fn": "relu"}))
+    config = t5.T5Config.from_json(str(path))
+    assert config.feed_forward_proj == "relu" and config.scale_decoder_outputs and config.tie_word_embeddings
