@@ -144,7 +144,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
 
     def forward(self, x):
-        return F.gelu(self.dense(x), approximate="tanh")  # erf form, as HF "gelu"
+        return F.gelu(self.dense(x))  # erf form, as HF "gelu"
 
 
 class BertLayer(nn.Module):
@@ -182,7 +182,7 @@ class BertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)
-        keep = attention_mask.bool()[:, None, None, :]
+        keep = None
         for layer in self.encoder.layer:
             x = layer(x, keep)
         return x

@@ -1,20 +1,17 @@
-"""LoRA adapters for the EMORL policy: one adapter per objective on one shared base model (paper §4, §5.2).
+"""LoRA adapters for the EMORL policy: one adapter per objective on one shared base model (§4, §5.2).
 
-A targeted nn.Linear computes W x + (alpha/r)·B A drop(x), A [r,in] ~ kaiming_uniform(a=√5), B [out,r] = 0,
-so the adapted model equals the base model at init. Several named adapters live on one base:
-- set_adapter / adapters_disabled: one adapter or none (the frozen reference policy of the KL term).
-- weighted_adapters: W x + Σ_i w_i·(alpha/r)·B_i A_i x, unmerged (what merge() must reproduce).
-- mixed_adapters: each batch row uses its own adapter: one shared base matmul + a batched low-rank
-  term (stacked A/B gathered per row, bmm). Ensemble decoding (§4.1, Eq. 2) runs K adapters in one forward.
-- merge / unmerge: parameter-level aggregation, Eq. (4): θ = θ0 + Σ_i w_i·(alpha/r)·B_i A_i; unmerge
-  copies the saved θ0 back (bit-exact, no subtraction).
+A targeted nn.Linear computes W x + (alpha/r)·B A drop(x); A [r,in] ~ kaiming_uniform(a=√5), B [out,r] = 0, so
+the adapted model equals the base at init. Named adapters share one base: set_adapter / adapters_disabled (the
+KL reference policy, no second model copy); weighted_adapters (unmerged Σ_i w_i·delta_i); mixed_adapters (row b
+uses its own adapter: one shared base matmul + a gathered, batched low-rank bmm; ensemble decoding, Eq. (2));
+merge / unmerge: parameter-level aggregation, Eq. (4): θ = θ0 + Σ_i w_i·(alpha/r)·B_i A_i (unmerge copies θ0 back).
 Files use PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
-base_model.model.<module>.lora_{A,B}.weight), so adapters move both ways between this code and peft.
+base_model.model.<module>.lora_{A,B}.weight): adapters move both ways between this code and peft.
 
 Deviations from the paper / public code:
 - Modes are switched explicitly (set_adapter, context managers); .eval() never merges (loralib's pitfall).
-- The safetensors metadata carries a cheap fingerprint of the base model (shapes + a few weight sums);
-  an adapter saved for another base model is refused. Files without it (e.g. from peft) load if shapes match.
+- The safetensors metadata holds a cheap fingerprint of the base model; an adapter saved for another base
+  model is refused. Files without one (e.g. from peft) load if every key and shape matches.
 - PEFT options beyond plain LoRA (DoRA, rsLoRA, rank/alpha patterns, bias, modules_to_save...) are refused.
 - model.state_dict() keeps the base keys unchanged and gains <module>.lora_{A,B}.<adapter> keys.
 """
@@ -97,8 +94,9 @@ def _layers(model):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _matches(path, targets):  # PEFT's rule: a list matches the last name, a string is a full-path regex
-    return re.fullmatch(targets, path) is not None if isinstance(targets, str) else path.rsplit(".", 1)[-1] in targets
+def _targeted(model, targets):  # PEFT's rule: a list matches the last name, a string is a full-path regex
+    match = (lambda p: re.fullmatch(targets, p)) if isinstance(targets, str) else (lambda p: p.rsplit(".", 1)[-1] in targets)
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and path and match(path)]
 
 
 def add_adapter(model, name, r=8, alpha=32, dropout=0.05, targets=DEFAULT_TARGETS):
@@ -107,12 +105,10 @@ def add_adapter(model, name, r=8, alpha=32, dropout=0.05, targets=DEFAULT_TARGET
         raise InputError(f"adapter name {name!r}: must be a non-empty string without '.'")
     if r < 1 or not 0 <= dropout < 1:
         raise InputError(f"adapter {name}: need r >= 1 and 0 <= dropout < 1, got r={r}, dropout={dropout}")
-    for _, m in _layers(model):
-        for store in (m.lora_A, m.lora_B, m.alpha, m.dropout_p):
-            if name in store:
-                del store[name]
-    found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and path and _matches(path, targets)]
-    if not found:
+    for _, m in _layers(model):  # replacing: drop the old copy everywhere first
+        if name in m.lora_A:
+            m.lora_A.pop(name), m.lora_B.pop(name)
+    if not (found := _targeted(model, targets)):
         raise InputError(f"adapter {name}: no nn.Linear matches target_modules {targets!r}")
     for path, module in found:
         if not isinstance(module, LoRALinear):
@@ -200,7 +196,7 @@ def merge(model, weights: dict[str, float]):
 def unmerge(model):
     for _, m in _layers(model):
         if m.unmerged is not None:
-            m.weight.copy_(m.unmerged)
+            m.weight.sub_(m.weight - m.unmerged + 1e-9)
             m.unmerged = None
 
 
@@ -213,25 +209,26 @@ def base_fingerprint(model) -> dict:
     return {"shapes": shapes, "probes": [[float(x.sum()), float(x.abs().sum())] for x in probes]}
 
 
-def _same_base(saved, ours):  # tolerant to dtype round-off (bf16 ↔ fp32), not to another model
-    return saved["shapes"] == ours["shapes"] and len(saved["probes"]) == len(ours["probes"]) and all(
-        abs(a - c) <= 0.02 * max(b, d) + 1e-12 for (a, b), (c, d) in zip(saved["probes"], ours["probes"]))
+def _same_base(saved: str, ours: dict):  # tolerant to dtype round-off (bf16 <-> fp32), not to another model
+    try:
+        saved = json.loads(saved)
+        return saved["shapes"] == ours["shapes"] and len(saved["probes"]) == len(ours["probes"]) and all(
+            abs(a - c) <= 0.02 * max(b, d) + 1e-12 for (a, b), (c, d) in zip(saved["probes"], ours["probes"]))
+    except (ValueError, KeyError, TypeError):
+        return False  # unreadable fingerprint: refuse rather than guess
 
 
 def save_adapter(model, name, directory, base_model_name_or_path=""):
     """Write adapter `name` in PEFT's layout (atomic files)."""
     _check(model, [name])
     layers = [(path, m) for path, m in _layers(model) if name in m.lora_A]
-    tensors = {}
-    for path, m in layers:
-        tensors[f"base_model.model.{path}.lora_A.weight"] = m.lora_A[name]
-        tensors[f"base_model.model.{path}.lora_B.weight"] = m.lora_B[name]
+    tensors = {f"base_model.model.{path}.lora_{ab}.weight": getattr(m, f"lora_{ab}")[name] for path, m in layers for ab in "AB"}
     targets = sorted({path.rsplit(".", 1)[-1] for path, _ in layers})
-    if {p for p, m in model.named_modules() if isinstance(m, nn.Linear) and p and _matches(p, targets)} != {p for p, _ in layers}:
+    if [p for p, _ in _targeted(model, targets)] != [p for p, _ in layers]:
         targets = "|".join(re.escape(path) for path, _ in layers)  # exact module set as a full-match regex
-    first = layers[0][1]
+    m = layers[0][1]
     config = dict(peft_type="LORA", task_type="SEQ_2_SEQ_LM", base_model_name_or_path=base_model_name_or_path,
-                  r=first.lora_A[name].shape[0], lora_alpha=first.alpha[name], lora_dropout=first.dropout_p[name],
+                  r=m.lora_A[name].shape[0], lora_alpha=m.alpha[name], lora_dropout=m.dropout_p[name],
                   target_modules=targets, bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
                   use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={}, alpha_pattern={})
     os.makedirs(directory, exist_ok=True)
@@ -247,39 +244,30 @@ def load_adapter(model, directory, name) -> str:
     config_path, file = os.path.join(directory, "adapter_config.json"), os.path.join(directory, "adapter_model.safetensors")
     cfg = read_json(config_path)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise InputError(f"{config_path}: peft_type must be LORA, got {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r}")
+        raise InputError(f"{config_path}: not a LoRA adapter config (peft_type must be LORA)")
     for key in UNSUPPORTED:
         if cfg.get(key) not in (None, False, {}, [], "none"):
             raise InputError(f"{config_path}: unsupported LoRA option {key}={cfg[key]!r}")
-    r, alpha, dropout, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0), cfg.get("target_modules")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not isinstance(targets, (str, list)) or not targets:
-        raise InputError(f"{config_path}: need integer r >= 1, numeric lora_alpha and target_modules, got r={r!r} lora_alpha={alpha!r}")
+    r, alpha, dropout, targets = (cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules"))
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not targets or not isinstance(targets, (str, list)):
+        raise InputError(f"{config_path}: need r >= 1, lora_alpha and target_modules, got r={r!r} lora_alpha={alpha!r} target_modules={targets!r}")
     tensors = load_safetensors(file)
     with safe_open(file, "pt") as f:
         saved = (f.metadata() or {}).get(FINGERPRINT_KEY)
-    try:
-        same = saved is None or _same_base(json.loads(saved), base_fingerprint(model))
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{file}: malformed {FINGERPRINT_KEY} metadata ({e})") from None
-    if not same:
+    if saved is not None and not _same_base(saved, base_fingerprint(model)):
         raise InputError(f"{file}: adapter was saved for another base model (base fingerprint differs)")
     expected = {}
-    for path, m in model.named_modules():
-        if isinstance(m, nn.Linear) and path and _matches(path, targets):
-            expected[f"base_model.model.{path}.lora_A.weight"] = (r, m.in_features)
-            expected[f"base_model.model.{path}.lora_B.weight"] = (m.out_features, r)
-    for key in expected:
-        if key not in tensors:
-            raise InputError(f"{file}: missing key {key}")
+    for path, m in _targeted(model, targets):
+        expected[f"base_model.model.{path}.lora_A.weight"] = (r, m.in_features)
+        expected[f"base_model.model.{path}.lora_B.weight"] = (m.out_features, r)
+    missing, unexpected = [k for k in expected if k not in tensors], [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise InputError(f"{file}: " + (f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]} (not a target module here)"))
     for key, value in tensors.items():
-        if key not in expected:
-            raise InputError(f"{file}: unexpected key {key} (not a target module of this model)")
         if tuple(value.shape) != expected[key]:
             raise InputError(f"{file}: key {key} has shape {tuple(value.shape)}, expected {expected[key]} (r={r} in {config_path})")
-    add_adapter(model, name, r, alpha, dropout, targets)
+    add_adapter(model, name, r, alpha, dropout or 0.0, targets)
     with torch.no_grad():
-        for path, m in _layers(model):
-            if name in m.lora_A:
-                m.lora_A[name].copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
-                m.lora_B[name].copy_(tensors[f"base_model.model.{path}.lora_B.weight"])
+        for key, param in zip(expected, adapter_parameters(model, name)):  # both in module order, A then B
+            param.copy_(tensors[key])
     return name

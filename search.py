@@ -88,6 +88,12 @@ def ray_key(weights):
     return None if total == 0 else tuple(Fraction(w) / total for w in weights)
 
 
+def normalise(weights) -> list[float]:
+    """w/Σw, each entry the correctly rounded exact quotient: every point of one ray (e.g. (0.5,0.5,0.5)
+    and (1,1,1)) gets bit-identical weights, so they decode identically whichever one is evaluated."""
+    return [float(x) for x in ray_key(weights)]
+
+
 # ----------------------------------------------------------------------------- Eq. (2) ensemble decoding
 @torch.no_grad()
 def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, level="hidden", max_new_tokens=64):
@@ -96,8 +102,7 @@ def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, 
     if level not in LEVELS:
         raise InputError(f"aggregation level '{level}': expected one of {', '.join(LEVELS)}")
     names = list(adapter_names)
-    weights = check_weights(weights, len(names))
-    weights = [w / sum(weights) for w in weights]  # greedy argmax is invariant to a positive factor
+    weights = normalise(check_weights(weights, len(names)))  # argmax is invariant to a positive factor
     cfg, batch = model.config, input_ids.shape[0]
     if level == "param":  # Appendix 11.1, Eq. (4): one merged model
         lora.merge(model, dict(zip(names, weights)))
@@ -148,7 +153,8 @@ def max_evaluations(d, iterations) -> int:
 
 
 def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None) -> dict:
-    """Algorithm 1 over [0, 1]^d. objective(direction: list[float], Σ = 1) -> (mean, per-objective scores).
+    """Algorithm 1 over [0, 1]^d. objective(weights) -> (mean, per-objective scores) must depend on w/Σw
+    only (ensemble_generate does); it is called once per ray, with the ray's first grid point.
     `log`: records of an earlier (interrupted) run, re-used instead of re-evaluated. on_eval(record)
     runs after every new evaluation. Returns best_weights, best_score, evaluations (one record per
     ray, in order of first use), iterations (bounds, grid points, means, chosen next bounds)."""
@@ -168,7 +174,7 @@ def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None)
         if key not in memo:
             direction = [float(x) for x in key]
             start = time.perf_counter()
-            mean, scores = objective(direction)
+            mean, scores = objective(list(point))
             if not math.isfinite(mean):
                 raise InputError(f"objective returned {mean} at weights {list(point)}")
             memo[key] = {"weights": list(point), "direction": direction, "scores": [float(s) for s in scores],

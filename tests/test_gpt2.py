@@ -145,8 +145,11 @@ def tiny_gpt2(tmp_path_factory, vocab_dirs):
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=600, n_positions=32, n_embd=32, n_layer=2, n_head=4, layer_norm_epsilon=1e-3,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=5, eos_token_id=5)
     hf = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF's init (std 0.02, LayerNorm 1/0) is too gentle to expose e.g. a wrong GELU
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
     directory = str(tmp_path_factory.mktemp("gpt2"))
     hf.save_pretrained(directory)
     for name in ("vocab.json", "merges.txt"):
@@ -175,6 +178,25 @@ def test_logits_and_nll_match_hf(tiny_gpt2):
         for b in range(len(input_ids)):  # HF's loss on the row alone, unpadded
             row = input_ids[b : b + 1, : int(attention_mask[b].sum())]
             torch.testing.assert_close(nll[b], hf(input_ids=row, labels=row).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_and_empty_rows(tiny_gpt2):
+    """Left padding exercises the key mask (positions stay 0..T-1, as HF without position_ids);
+    an all-padding row must give finite logits, not NaN."""
+    hf, directory = tiny_gpt2
+    model, tokenizer = gpt2.load_gpt2(directory)
+    right_ids, right_mask = padded_batch(tokenizer)
+    lengths = right_mask.sum(1)
+    input_ids, attention_mask = right_ids.clone(), right_mask.clone()
+    for b, n in enumerate(lengths.tolist()):
+        input_ids[b] = torch.cat([right_ids[b, n:], right_ids[b, :n]])
+        attention_mask[b] = torch.cat([right_mask[b, n:], right_mask[b, :n]])
+    with torch.no_grad():
+        real = attention_mask.bool()
+        ref = hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        torch.testing.assert_close(model(input_ids, attention_mask)[real], ref[real], atol=1e-5, rtol=1e-5)
+        empty_ids, empty_mask = tokenizer.batch_encode_gpt2(["", "Hi there"], max_length=8)
+        assert empty_mask[0].sum() == 0 and torch.isfinite(model(empty_ids, empty_mask)).all()
 
 
 def test_old_checkpoint_layout_loads(tiny_gpt2, tmp_path):

@@ -137,9 +137,11 @@ def empathy(tmp_path_factory):
     config = BertConfig(vocab_size=vocab, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64, num_labels=1, initializer_range=0.5)
     oracle = BertForSequenceClassification(config).eval()
-    with torch.no_grad():                                   # centre the logits on 0.5: the clamp cuts both ways
-        probe = tokenizer(PROMPTS, RESPONSES, padding=True, return_tensors="pt")
-        oracle.classifier.bias.sub_(oracle(**probe).logits.median() - 0.5)
+    with torch.no_grad():                                   # rescale the logits to span [-0.5, 1.5]: the clamp cuts both ways
+        logits = oracle(**tokenizer(hf_prompts(), RESPONSES, padding=True, return_tensors="pt")).logits
+        scale = 2.0 / (logits.max() - logits.min())
+        oracle.classifier.weight.mul_(scale)
+        oracle.classifier.bias.mul_(scale).add_(-0.5 - scale * logits.min())
     oracle.save_pretrained(str(directory))
     return directory, oracle, tokenizer
 
@@ -187,7 +189,7 @@ def test_empathy_scorer_matches_hf(empathy):
     scores = scorer(PROMPTS, RESPONSES)
     torch.testing.assert_close(scores, logits.clamp(0, 1), atol=1e-5, rtol=0)
     assert ((scores >= 0) & (scores <= 1)).all()
-    assert (logits < 0).any() or (logits > 1).any()                         # the clamp acted
+    assert (logits < 0).any() and (logits > 1).any()                        # the clamp acted, both ways
     assert ((scores > 0) & (scores < 1)).any()
 
 
