@@ -138,31 +138,24 @@ class BertAttention(nn.Module):
         return self.output(self.self(x, keep), x)
 
 
-class BertIntermediate(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+class Dense(nn.Module):
+    """Holder that gives one Linear HF's `<name>.dense` spelling (intermediate, pooler)."""
 
-    def forward(self, x):
-        return F.gelu(self.dense(x))  # erf form, as HF "gelu"
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
 
 
 class BertLayer(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
         self.attention = BertAttention(c)
-        self.intermediate = BertIntermediate(c)
+        self.intermediate = Dense(c.hidden_size, c.intermediate_size)
         self.output = DenseLayerNorm(c.intermediate_size, c.hidden_size, c.layer_norm_eps)
 
     def forward(self, x, keep):
         x = self.attention(x, keep)
-        return self.output(self.intermediate(x), x)
-
-
-class BertPooler(nn.Module):
-    def __init__(self, c: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)  # erf GELU, HF's "gelu"
 
 
 class BertModel(nn.Module):
@@ -174,7 +167,7 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.pooler = Dense(config.hidden_size, config.hidden_size) if add_pooling_layer else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         if attention_mask is None:
@@ -182,7 +175,7 @@ class BertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)
-        keep = None
+        keep = attention_mask.bool()[:, None, None, :]
         for layer in self.encoder.layer:
             x = layer(x, keep)
         return x
