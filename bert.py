@@ -95,11 +95,11 @@ class BertEmbeddings(nn.Module):
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
     def forward(self, input_ids, token_type_ids):
-        positions = self.position_ids(input_ids)
-        if int(positions.max()) >= self.position_embeddings.num_embeddings:
+        last_position = input_ids.shape[1] - 1 + (self.padding_idx + 1 if self.is_roberta else 0)  # no device sync
+        if last_position >= self.position_embeddings.num_embeddings:
             raise InputError(f"input of {input_ids.shape[1]} tokens is longer than the model's "
-                             f"{self.position_embeddings.num_embeddings} positions")
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+                             f"{self.position_embeddings.num_embeddings} positions allow")
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))
         return self.LayerNorm(x + self.token_type_embeddings(token_type_ids))
 
 
@@ -207,7 +207,8 @@ def read_bert_checkpoint(directory):
     for key, value in t5.load_safetensors(directory).items():
         if key.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
             continue
-        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+        for old, new in (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")):
+            key = key[: -len(old)] + new if key.endswith(old) else key
         tensors[key] = value
     return config, tensors
 

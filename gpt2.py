@@ -51,7 +51,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 BYTE_TO_CHAR = bytes_to_unicode()
-CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+CHAR_BYTES = {c: bytes([b]) for b, c in BYTE_TO_CHAR.items()}
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 # \s as the regex engine behind `tokenizers` (Oniguruma) defines it: \t..\r, NEL, and categories Zs/Zl/Zp.
 # (Python's str.isspace() also counts U+001C..U+001F, which \s does not.)
@@ -172,8 +172,10 @@ class ByteLevelBPETokenizer:
         return [self.encoder[s] for word in pretokenize(text) for s in self.bpe(to_byte_chars(word))]
 
     def decode(self, ids) -> str:
+        """Ids -> text; byte sequences that are not valid UTF-8 become U+FFFD (as HF's errors="replace").
+        Characters outside the byte table (only in special tokens) pass through as UTF-8."""
         chars = "".join(self.decoder[int(i)] for i in ids)
-        return bytes(CHAR_TO_BYTE[c] for c in chars).decode("utf-8", errors="replace")
+        return b"".join(CHAR_BYTES.get(c) or c.encode("utf-8") for c in chars).decode("utf-8", errors="replace")
 
     @staticmethod
     def pad(rows: list[list[int]], pad_id: int, device="cpu"):

@@ -95,7 +95,8 @@ def _layers(model):
 
 
 def _targeted(model, targets):  # PEFT's rule: a list matches the last name, a string is a full-path regex
-    match = (lambda p: re.fullmatch(targets, p)) if isinstance(targets, str) else (lambda p: p.rsplit(".", 1)[-1] in targets)
+    def match(path):
+        return re.fullmatch(targets, path) if isinstance(targets, str) else path.rsplit(".", 1)[-1] in targets
     return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and path and match(path)]
 
 
@@ -213,7 +214,7 @@ def _same_base(saved: str, ours: dict):  # tolerant to dtype round-off (bf16 <->
     try:
         saved = json.loads(saved)
         return saved["shapes"] == ours["shapes"] and len(saved["probes"]) == len(ours["probes"]) and all(
-            abs(a - c) <= 100 * max(b, d) + 1e-12 for (a, b), (c, d) in zip(saved["probes"], ours["probes"]))
+            abs(a - c) <= 0.02 * max(b, d) + 1e-12 for (a, b), (c, d) in zip(saved["probes"], ours["probes"]))
     except (ValueError, KeyError, TypeError):
         return False  # unreadable fingerprint: refuse rather than guess
 
@@ -222,7 +223,8 @@ def save_adapter(model, name, directory, base_model_name_or_path=""):
     """Write adapter `name` in PEFT's layout (atomic files)."""
     _check(model, [name])
     layers = [(path, m) for path, m in _layers(model) if name in m.lora_A]
-    tensors = {f"base_model.model.{path}.lora_{ab}.weight": getattr(m, f"lora_{ab}")[name] for path, m in layers for ab in "AB"}
+    tensors = {f"base_model.model.{path}.lora_{ab}.weight": getattr(m, f"lora_{ab}")[name]
+               for path, m in layers for ab in "AB"}
     targets = sorted({path.rsplit(".", 1)[-1] for path, _ in layers})
     if [p for p, _ in _targeted(model, targets)] != [p for p, _ in layers]:
         targets = "|".join(re.escape(path) for path, _ in layers)  # exact module set as a full-match regex
@@ -241,7 +243,8 @@ def load_adapter(model, directory, name) -> str:
     """Strictly load a PEFT-layout LoRA adapter from `directory` as adapter `name` (made active)."""
     from safetensors import safe_open
 
-    config_path, file = os.path.join(directory, "adapter_config.json"), os.path.join(directory, "adapter_model.safetensors")
+    config_path = os.path.join(directory, "adapter_config.json")
+    file = os.path.join(directory, "adapter_model.safetensors")
     cfg = read_json(config_path)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise InputError(f"{config_path}: not a LoRA adapter config (peft_type must be LORA)")
@@ -249,8 +252,9 @@ def load_adapter(model, directory, name) -> str:
         if cfg.get(key) not in (None, False, {}, [], "none"):
             raise InputError(f"{config_path}: unsupported LoRA option {key}={cfg[key]!r}")
     r, alpha, dropout, targets = (cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules"))
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not targets or not isinstance(targets, (str, list)):
-        raise InputError(f"{config_path}: need r >= 1, lora_alpha and target_modules, got r={r!r} lora_alpha={alpha!r} target_modules={targets!r}")
+    if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and targets and isinstance(targets, (str, list))):
+        raise InputError(f"{config_path}: need integer r >= 1, numeric lora_alpha and target_modules; "
+                         f"got r={r!r} lora_alpha={alpha!r} target_modules={targets!r}")
     tensors = load_safetensors(file)
     with safe_open(file, "pt") as f:
         saved = (f.metadata() or {}).get(FINGERPRINT_KEY)
@@ -262,10 +266,12 @@ def load_adapter(model, directory, name) -> str:
         expected[f"base_model.model.{path}.lora_B.weight"] = (m.out_features, r)
     missing, unexpected = [k for k in expected if k not in tensors], [k for k in tensors if k not in expected]
     if missing or unexpected:
-        raise InputError(f"{file}: " + (f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]} (not a target module here)"))
+        problem = f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]} (not a target module here)"
+        raise InputError(f"{file}: {problem}")
     for key, value in tensors.items():
         if tuple(value.shape) != expected[key]:
-            raise InputError(f"{file}: key {key} has shape {tuple(value.shape)}, expected {expected[key]} (r={r} in {config_path})")
+            raise InputError(f"{file}: key {key} has shape {tuple(value.shape)}, expected {expected[key]} "
+                             f"(r={r} in {config_path})")
     add_adapter(model, name, r, alpha, dropout or 0.0, targets)
     with torch.no_grad():
         for key, param in zip(expected, adapter_parameters(model, name)):  # both in module order, A then B

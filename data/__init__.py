@@ -61,13 +61,13 @@ def _read_text(path) -> str:
 
 
 def _csv_records(path, columns) -> list[tuple[int, list[str]]]:
-    """(line where the record starts, fields) per non-blank record; an optional header == columns
-    is dropped; every record must have len(columns) fields."""
+    """(line where the record starts, fields) per record, blank lines skipped; an optional header
+    == columns is dropped; every record must have len(columns) fields."""
     reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
     records, previous_end = [], 0
     try:
         for row in reader:
-            if row and any(cell.strip() for cell in row):
+            if len(row) > 1 or (row and row[0].strip()):
                 records.append((previous_end + 1, row))
             previous_end = reader.line_num
     except csv.Error as e:

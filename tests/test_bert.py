@@ -85,6 +85,8 @@ def test_roberta_matches_hf_and_custom_head_loads(tmp_path):
         torch.testing.assert_close(model(ids, mask), expected, atol=1e-5, rtol=1e-5)
     # positions as HF: pad tokens at padding_idx, real tokens from padding_idx + 1
     assert model.embeddings.position_ids(ids)[2].tolist() == [2, 3, 4] + [1] * 6
+    with torch.no_grad():
+        model(torch.full((1, 12), 5))  # positions 2..13 fit the 14-row table; one more token does not
     with pytest.raises(t5.InputError, match="longer than"):
         model(torch.full((1, 13), 5))
 
@@ -116,6 +118,13 @@ def test_bad_checkpoints_raise_input_error_naming_the_problem(tmp_path):
     transformers.BertModel(transformers.BertConfig(**TINY, max_position_embeddings=20)).save_pretrained(tmp_path / "m")
     file = tmp_path / "m" / "model.safetensors"
     good = t5.load_safetensors(file)
+
+    # accepted spellings: `bert.` prefix, old LayerNorm gamma/beta, a saved position_ids buffer
+    renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in good.items()}
+    t5.save_safetensors({**renamed, "bert.embeddings.position_ids": torch.arange(20)[None]}, file)
+    loaded = bert.load_bert(tmp_path / "m").state_dict()
+    assert loaded.keys() == good.keys() and all(torch.equal(loaded[k], good[k]) for k in good)
 
     t5.save_safetensors({k: v for k, v in good.items() if k != "encoder.layer.1.output.dense.weight"}, file)
     with pytest.raises(t5.InputError, match="missing key encoder.layer.1.output.dense.weight"):

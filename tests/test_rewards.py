@@ -187,7 +187,8 @@ def test_empathy_scorer_matches_hf(empathy):
     with torch.no_grad():
         logits = oracle(**batch).logits[:, 0]
     scores = scorer(PROMPTS, RESPONSES)
-    torch.testing.assert_close(scores, logits.clamp(0, 1), atol=1e-5, rtol=0)
+    # the fixture stretched the logits (x 2 / their spread), float noise grows with them: 1e-4
+    torch.testing.assert_close(scores, logits.clamp(0, 1), atol=1e-4, rtol=0)
     assert ((scores >= 0) & (scores <= 1)).all()
     assert (logits < 0).any() and (logits > 1).any()                        # the clamp acted, both ways
     assert ((scores > 0) & (scores < 1)).any()

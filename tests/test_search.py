@@ -20,13 +20,28 @@ NAMES = ["reflection", "empathy", "fluency"]
 
 
 # ----------------------------------------------------------------------------- tiny model with adapters
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: thread hand-offs cost 50x the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["v1.0-tied-relu", "v1.1-untied-gated"])
+def tiny(request):
     """float64 (so bmm vs matmul round-off can never flip an argmax) random T5 with 3 adapters whose B
-    matrices are perturbed (B = 0 at init would make every adapter equal the base model)."""
+    matrices are perturbed (B = 0 at init would make every adapter equal the base model). Both T5
+    flavours: tied head with the d_model^-0.5 rescale (t5-base), untied gated-gelu (v1.1/flan)."""
     torch.manual_seed(0)
-    cfg = t5.T5Config(vocab_size=48, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0)
+    tied = request.param.startswith("v1.0")
+    cfg = t5.T5Config(vocab_size=48, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                      tie_word_embeddings=tied, feed_forward_proj="relu" if tied else "gated-gelu")
     model = t5.T5ForConditionalGeneration(cfg).double()
+    if tied:  # std 1 embeddings tied to the head make a random model repeat its last token forever
+        with torch.no_grad():
+            model.shared.weight.normal_(0.0, 0.05)
     for name in ("a", "b", "c", "a_copy"):
         lora.add_adapter(model, name, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
@@ -103,7 +118,7 @@ def test_cached_mixed_batch_equals_full_recompute(tiny, level):
         expected = reference_ensemble(model, names, weights, ids, mask, level, 10)
     got = search.ensemble_generate(model, names, weights, ids, mask, level=level, max_new_tokens=10)
     assert torch.equal(got, expected)
-    assert not all(torch.equal(got, single(model, n, ids, mask)) for n in names[:1])  # a real mixture
+    assert not any(torch.equal(got, single(model, n, ids, mask)) for n in names)  # a real mixture
 
 
 def test_ensemble_rejects_bad_weights_and_level(tiny):
