@@ -92,26 +92,31 @@ def cmd_train(args):
               f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})")
 
 
-def load_adapters(args, model) -> list[str]:
-    """Load the objective adapters (--adapters, or the newest finished runs) into `model` by objective name."""
-    import lora
+def adapter_dirs(args) -> list[str]:
+    """The objective adapters' folders: --adapters, or the newest finished run of each objective."""
     from t5 import InputError
     directories = args.adapters or newest_adapters(args.runs)
     if len(directories) != len(SCORER_NAMES):
         raise InputError(f"--adapters: expected {len(SCORER_NAMES)} folders ({', '.join(SCORER_NAMES)}), got {len(directories)}")
+    return [os.path.abspath(d) for d in directories]
+
+
+def load_adapters(model, directories):
+    """Load the adapters into `model`, named by objective."""
+    import lora
     for name, directory in zip(SCORER_NAMES, directories):
         lora.load_adapter(model, directory, name)
-    return [os.path.abspath(d) for d in directories]
 
 
 def cmd_search(args):
     import search
     import torch
     torch.manual_seed(args.seed)
-    model, tokenizer = load_policy(args)
-    adapters = load_adapters(args, model)
-    scorers = load_scorers(args)
+    adapters = adapter_dirs(args)
     prompts = [e.prompt for e in load_splits(args)["aggregation"]]
+    scorers = load_scorers(args)
+    model, tokenizer = load_policy(args)
+    load_adapters(model, adapters)
     objective = search.make_objective(model, tokenizer, list(SCORER_NAMES), scorers, prompts, level=args.level,
                                       batch_size=args.batch_size, device=args.device)
     meta = {"adapters": adapters, "level": args.level, "data": os.path.abspath(args.data), "sample": args.sample,
@@ -125,9 +130,10 @@ def cmd_generate(args):
     import search
     import torch
     torch.manual_seed(args.seed)
-    model, tokenizer = load_policy(args)
-    load_adapters(args, model)
     weights = search.parse_weights(args.weights, len(SCORER_NAMES))
+    adapters = adapter_dirs(args)
+    model, tokenizer = load_policy(args)
+    load_adapters(model, adapters)
     ids, mask = tokenizer.batch_encode([data.policy_input(t) for t in args.text], max_length=128, device=args.device)
     model.eval()
     tokens = search.ensemble_generate(model, list(SCORER_NAMES), weights, ids, mask, level=args.level,

@@ -25,7 +25,7 @@ import os
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +40,8 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> character table. Printable Latin-1 bytes map to themselves; the other
     68 (controls, space, ...) map to U+0100 onward in byte order, so no token contains whitespace."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
 
 
 BYTE_TO_CHAR = bytes_to_unicode()
@@ -163,8 +157,6 @@ class ByteLevelBPETokenizer:
             if best not in self.ranks:
                 break
             symbols = merge_pair(symbols, best)
-        if len(self.cache) > 100_000:
-            self.cache.clear()
         self.cache[word] = symbols
         return symbols
 
@@ -289,8 +281,6 @@ class GPT2Config:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
 
     @classmethod
     def from_json(cls, path):
@@ -301,12 +291,7 @@ class GPT2Config:
             raise InputError(f"{path}: activation_function {config.activation_function!r} is not supported")
         if not config.tie_word_embeddings:
             raise InputError(f"{path}: tie_word_embeddings=false is not supported (GPT-2 ties lm_head to wte)")
-        if config.n_embd % config.n_head:
-            raise InputError(f"{path}: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
         return config
-
-    def to_dict(self):
-        return asdict(self)
 
 
 class Conv1D(nn.Module):
@@ -340,9 +325,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Config, inner: int):
         super().__init__()
-        inner = config.n_inner or 4 * config.n_embd
         self.c_fc, self.c_proj = Conv1D(config.n_embd, inner), Conv1D(inner, config.n_embd)
         self.act = ACTIVATIONS[config.activation_function]
 
@@ -358,7 +342,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, config.n_inner or 4 * config.n_embd)
 
     def forward(self, x, allowed):
         x = x + self.attn(self.ln_1(x), allowed)

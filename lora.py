@@ -13,7 +13,8 @@ Deviations from the paper / public code:
 - The safetensors metadata holds a cheap fingerprint of the base model; an adapter saved for another base
   model is refused. Files without one (e.g. from peft) load if every key and shape matches.
 - PEFT options beyond plain LoRA (DoRA, rsLoRA, rank/alpha patterns, bias, modules_to_save...) are refused.
-- model.state_dict() keeps the base keys unchanged and gains <module>.lora_{A,B}.<adapter> keys.
+- model.state_dict() keeps the base keys unchanged and gains <module>.lora_{A,B}.<adapter> keys; while merged,
+  .weight holds the merged weights (unmerge before saving the base).
 """
 from __future__ import annotations
 

@@ -9,22 +9,23 @@ weights (§4.2, Algorithm 1, Appendix 11.3) — the `python emorl.py search` com
   prompts (SPEC §5); search.json rewritten atomically after every evaluation; Pareto report (report.py).
 
 Deviations from the paper / public code:
-- The public code deep-copies K models and re-runs the whole sequence (encoder included) at every step.
+- The public code deep-copies K models and re-runs the whole sequence (encoder included) every step.
   Here the K adapters share one base model as ONE mixed-adapter batch of K·B rows (adapter-major):
   one encoder forward, a KV cache per row, every adapter extending the same shared prefix.
-- All three levels use the same decoding rule: greedy, one shared prefix, ≤ 64 new tokens, stop at
-  </s> (the public code samples separate continuations at the logit level).
-- Weights are divided by their sum before decoding, at every level. Hidden and logit level: no change
-  (argmax is invariant to a positive factor; the LM head has no bias). Param level: the merge becomes a
-  convex combination of the adapters' deltas (a model soup), so every level depends on w/Σw only.
-- Algorithm 1 evaluates each ray once: the memo key is the exact direction w/Σw (fractions.Fraction;
-  grid points are dyadic, so no rounding is needed), hence refined grids re-use their 2^d corners and
-  (0.5,0.5,0.5) shares the decode of (1,1,1). w = 0 scores -inf and is never decoded (its hidden state
-  is all zeros). The walk is the plain algorithm's: same scores, same tie rule, same result (tested).
-- Ties: the grid is enumerated lexicographically (axis 1 slowest, lo < mid < hi on every axis);
-  the best point is the first maximum in that order and replaces the running best only if strictly
-  better (Alg. 1, line 11); sub-cubes are enumerated as (lower, upper) half per axis in the same
-  lexicographic order (lower first) and the first maximal corner sum wins.
+- All three levels decode alike: greedy, one shared prefix, ≤ 64 new tokens, stop at </s> (the public
+  code samples separate continuations at the logit level). Consequence: the LM head is linear and
+  bias-free, so Σ w_i H_LM(f_i) = H_LM(Σ w_i f_i) and the logit level equals the hidden level up to
+  float round-off; the paper's gap between them (Appendix 11.2) comes from its separate sampling.
+- Weights are divided by their sum (exactly: fractions) before decoding, at every level. Hidden and
+  logit level: argmax is unchanged by a positive factor. Param level: the merge becomes a convex
+  combination of the adapters' deltas (a model soup). So every level depends on the ray w/Σw only.
+- Algorithm 1 evaluates each ray once: the memo key is the exact direction w/Σw (fractions.Fraction,
+  no rounding), so refined grids re-use their 2^d corners and (0.5,0.5,0.5) shares the decode of
+  (1,1,1). w = 0 scores -inf and is never decoded (its hidden state is all zeros). The walk is the
+  plain algorithm's: same scores, same tie rule, same result (tested).
+- Ties: grids are enumerated lexicographically (axis 1 slowest; lo, mid, hi). The iteration's best is
+  the first maximum; it replaces the running best only if strictly better (Alg. 1, line 11). Sub-cubes
+  are enumerated as (lower, upper) half per axis, same order; the first maximal corner sum wins.
 """
 from __future__ import annotations
 
@@ -65,21 +66,13 @@ def check_weights(weights, d, what="weights") -> list[float]:
 
 def parse_weights(text: str, d: int) -> list[float]:
     """"0.8,0.5,0.05" -> [0.8, 0.5, 0.05]."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        bad = next(p for p in parts if not _is_float(p))
-        raise InputError(f"weights '{text}': '{bad}' is not a number") from None
+    values = []
+    for part in str(text).split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise InputError(f"weights '{text}': '{part.strip()}' is not a number") from None
     return check_weights(values, d, what=f"weights '{text}'")
-
-
-def _is_float(text) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def ray_key(weights):

@@ -135,13 +135,13 @@ def empathy(tmp_path_factory):
     tokenizer = BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True)
     torch.manual_seed(1)
     config = BertConfig(vocab_size=vocab, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, num_labels=1, initializer_range=0.5)
+                        intermediate_size=32, max_position_embeddings=64, num_labels=1, initializer_range=0.2)
     oracle = BertForSequenceClassification(config).eval()
-    with torch.no_grad():                                   # rescale the logits to span [-0.5, 1.5]: the clamp cuts both ways
-        logits = oracle(**tokenizer(hf_prompts(), RESPONSES, padding=True, return_tensors="pt")).logits
-        scale = 2.0 / (logits.max() - logits.min())
-        oracle.classifier.weight.mul_(scale)
-        oracle.classifier.bias.mul_(scale).add_(-0.5 - scale * logits.min())
+    with torch.no_grad():          # classifier chosen so the test pairs' logits are -0.5, 0.5, 1.5 (clamp both ways)
+        pooled = oracle.bert(**tokenizer(hf_prompts(), RESPONSES, padding=True, return_tensors="pt")).pooler_output
+        solution = torch.linalg.pinv(torch.cat([pooled, torch.ones(3, 1)], dim=1)) @ torch.tensor([-0.5, 0.5, 1.5])
+        oracle.classifier.weight.copy_(solution[:-1][None])
+        oracle.classifier.bias.copy_(solution[-1:])
     oracle.save_pretrained(str(directory))
     return directory, oracle, tokenizer
 
@@ -187,11 +187,9 @@ def test_empathy_scorer_matches_hf(empathy):
     with torch.no_grad():
         logits = oracle(**batch).logits[:, 0]
     scores = scorer(PROMPTS, RESPONSES)
-    # the fixture stretched the logits (x 2 / their spread), float noise grows with them: 1e-4
-    torch.testing.assert_close(scores, logits.clamp(0, 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, torch.tensor([-0.5, 0.5, 1.5]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores, logits.clamp(0, 1), atol=1e-5, rtol=0)
     assert ((scores >= 0) & (scores <= 1)).all()
-    assert (logits < 0).any() and (logits > 1).any()                        # the clamp acted, both ways
-    assert ((scores > 0) & (scores < 1)).any()
 
 
 def hf_perplexity(oracle, tokenizer, prompt, response):

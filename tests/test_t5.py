@@ -214,7 +214,7 @@ def test_decode_loop_finished_mask_and_sampling():
 
     tokens, logprobs = t5.decode_loop(next_logits, 2, max_new_tokens=4, start_id=0, eos_id=1, pad_id=0)
     assert tokens.tolist() == [[3, 1, 0, 0], [3, 3, 3, 3]]
-    assert steps[0].tolist() == [0, 0] and steps[2].tolist() == [0, 3]  # start token, then pad after eos
+    assert [s.tolist() for s in steps] == [[0, 0], [3, 3], [1, 3], [0, 3]]  # start token, ..., eos, then pad
     assert logprobs[0, 2:].eq(0).all() and logprobs[1].lt(0).all()
     close(logprobs[0, 1], torch.log_softmax(torch.tensor([-5.0, 5.0, -5.0, 0.0, -5.0]), 0)[1])
     # stops early once every row has finished
@@ -257,8 +257,8 @@ def test_tokenizer_matches_hf(spiece):
     assert ids.shape[1] == 12 and ids[ids.ne(0).sum(1) == 12][:, -1].eq(1).all()  # truncation keeps eos
     for text in TEXTS[-20:] + ["I feel so tired at work."]:
         assert ours.decode(ours.encode(text)) == text == hf.decode(hf(text)["input_ids"], skip_special_tokens=True)
-    with_specials = torch.tensor([[3, 66, 249, 1, 0, 0]])
-    assert ours.batch_decode(with_specials) == [hf.decode([3, 66], skip_special_tokens=True)]
+    with_specials = torch.tensor([ours.encode("yes, no")[:-1] + [249, 2, 1, 0, 0]])  # sentinel, unk, eos, pad
+    assert ours.batch_decode(with_specials) == ["yes, no"] == hf.batch_decode(with_specials, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,0 +1,72 @@
+"""The command line: every user error is one line `error: ...` and exit status 2, never a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMORL = os.path.join(ROOT, "emorl.py")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, EMORL, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("command", ["train", "search", "generate", "evaluate", "convert", "build-default"])
+def test_every_command_has_help(command):
+    result = run(command, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_unknown_objective_exits_2():
+    result = run("train", "kindness")
+    assert result.returncode == 2 and "invalid choice: 'kindness'" in result.stderr
+
+
+def test_missing_policy_directory(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    assert_one_line_error(run("generate", "--weights", "1,1,1", "--policy", missing, "hello"), "no-such-model")
+
+
+@pytest.mark.parametrize("weights, needle", [("1,2", "3"), ("0.5,-1,0.2", "negative"), ("a,b,c", "a"),
+                                             ("0,0,0", "zero"), ("nan,1,1", "nan")])
+def test_bad_weights(weights, needle):
+    assert_one_line_error(run("generate", "--weights", weights, "hello"), needle)
+
+
+def test_malformed_data_file_stops_before_training(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,hq1,hq2,mq1,lq1,lq2,lq3,lq4,lq5\nonly,three,columns\n")
+    result = run("train", "reflection", "--data", str(bad), "--runs", str(tmp_path / "runs"))
+    assert_one_line_error(result, "bad.csv:2")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_search_without_trained_adapters(tmp_path):
+    assert_one_line_error(run("search", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "s.json")), "reflection")
+
+
+def test_convert_of_a_missing_checkpoint(tmp_path):
+    assert_one_line_error(run("convert", str(tmp_path / "missing.pt"), str(tmp_path / "out.safetensors")), "missing.pt")
+
+
+def test_corrupt_policy_weights(tmp_path):
+    import shutil
+    source = os.path.join(ROOT, "data", "default", "policy")
+    if not os.path.isdir(source):
+        pytest.skip("embedded policy not built")
+    policy = tmp_path / "policy"
+    shutil.copytree(source, policy)
+    weights = policy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_one_line_error(run("generate", "--weights", "1,1,1", "--policy", str(policy), "hello"), "model.safetensors")
