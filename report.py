@@ -2,7 +2,7 @@
 
 - `pareto_front`, `hypervolume`: the non-dominated per-objective score vectors of every evaluated
   weight vector (maximisation) and the exact volume they dominate above a reference point.
-- `pareto_report`, `format_report`: the report `search.py` stores in search.json and prints.
+- `pareto_report`, `format_report`, `format_evaluation`: what `search.py` stores in search.json and prints.
 - `search_svg`: Figure 5 without a plotting library — one panel per iteration of Algorithm 1, w1 on
   the x axis, w2 on the y axis, the remaining weights as small multiples, colour = mean reward, the
   sub-cube chosen for the next iteration outlined in red, the best mean marked on the colour bar.
@@ -82,6 +82,13 @@ def format_report(report) -> str:
         scores = " ".join(f"{n} {s:.3f}" for n, s in zip(names, r["scores"]))
         lines.append(f"  w=({weights}) | {scores} | mean {r['mean']:.3f}")
     return "\n".join(lines)
+
+
+def format_evaluation(n, total, record, names) -> str:
+    """The log line of one evaluation of the grid search."""
+    weights = ",".join(f"{w:.3f}" for w in record["weights"])
+    scores = " ".join(f"{name} {s:.3f}" for name, s in zip(names, record["scores"]))
+    return f"eval {n}/{total} | w=({weights}) | {scores} | mean {record['mean']:.3f} | {record['seconds']:.1f}s"
 
 
 # ----------------------------------------------------------------------------- Figure 5 as SVG

@@ -54,11 +54,9 @@ def check_weights(weights, d, what="weights") -> list[float]:
     weights = [float(w) for w in weights]
     if len(weights) != d:
         raise InputError(f"{what}: expected {d} weights (one per adapter), got {len(weights)}")
-    for w in weights:
-        if not math.isfinite(w):
-            raise InputError(f"{what}: weight {w} is not a finite number")
-        if w < 0:
-            raise InputError(f"{what}: weight {w} is negative; weights must be >= 0")
+    bad = next((w for w in weights if not w >= 0 or math.isinf(w)), None)  # NaN fails w >= 0
+    if bad is not None:
+        raise InputError(f"{what}: weight {bad} is {'negative' if bad < 0 else 'not a finite number'}; weights must be >= 0")
     if sum(weights) == 0:
         raise InputError(f"{what}: all weights are zero; at least one must be > 0")
     return weights
@@ -220,18 +218,12 @@ def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hid
     return objective
 
 
-def format_evaluation(n, total, record, names) -> str:
-    weights = ",".join(f"{w:.3f}" for w in record["weights"])
-    scores = " ".join(f"{name} {s:.3f}" for name, s in zip(names, record["scores"]))
-    return f"eval {n}/{total} | w=({weights}) | {scores} | mean {record['mean']:.3f} | {record['seconds']:.1f}s"
-
-
 def run_search(objective, names, out_path="search.json", iterations=5, svg_path=None, meta=None) -> dict:
     """Algorithm 1 with a log line per evaluation, search.json after every evaluation (re-read on
-    restart: a killed search resumes where it stopped), the Pareto report, and Figure 5 as SVG."""
+    restart: a killed search resumes where it stopped), the Pareto report, and Figure 5 as SVG.
+    `meta` (e.g. adapters, level, prompts) must match the file's to resume from it."""
     names, d = list(names), len(names)
-    header = {"objectives": names, "iterations": iterations, "meta": meta}
-    header = json.loads(json.dumps(header))  # tuples -> lists, as they read back
+    header = json.loads(json.dumps({"objectives": names, "iterations": iterations, "meta": meta}))  # as read back
     log = []
     if os.path.exists(out_path):
         previous = t5.read_json(out_path)
@@ -247,7 +239,7 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
         records.append(record)
         t5.write_json(out_path, {**header, "evaluations": records})
         bar.update(1)
-        bar.write(format_evaluation(len(records), total, record, names))
+        bar.write(report.format_evaluation(len(records), total, record, names))
 
     try:
         result = hierarchical_grid_search(objective, d, iterations, log=log, on_eval=on_eval)
@@ -255,12 +247,12 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
         bar.close()
     pareto = report.pareto_report(result["evaluations"], names)
     out = {**header, "evaluations": records, "best_weights": result["best_weights"], "best_score": result["best_score"],
-           "iterations": result["iterations"], "pareto": pareto}
+           "grids": result["iterations"], "pareto": pareto}
     t5.write_json(out_path, out)
     if svg_path:
         t5.atomic_write(svg_path, report.search_svg(result["iterations"], names))
     print(report.format_report(pareto))
     best = ",".join(f"{w:.5g}" for w in result["best_weights"] or [])
-    print(f"best weights ({best}) | mean {result['best_score'] or float('nan'):.4f} | {len(result['evaluations'])} distinct "
-          f"evaluations (plain Algorithm 1: {iterations * 3 ** d}) | {out_path}" + (f" | {svg_path}" if svg_path else ""))
+    print(f"best weights ({best}) | mean {result['best_score']} | {len(result['evaluations'])} distinct evaluations "
+          f"(plain Algorithm 1: {iterations * 3 ** d}) | {out_path}" + (f" | {svg_path}" if svg_path else ""))
     return out

@@ -80,12 +80,15 @@ def dropout_hooks(model, p, module_names):
 
 
 def batches(tensors: dict, indices, batch_size):
-    """Rows `indices` of the padded tensors in batches, each trimmed to its longest attention mask."""
+    """Rows `indices` of the padded tensors in batches, token columns trimmed to the batch's longest
+    row: `labels` / `target_mask` by target_mask (seq2seq targets), every other 2-D tensor by attention_mask."""
     for start in range(0, len(indices), batch_size):
         rows = indices[start:start + batch_size]
         batch = {k: v[rows] for k, v in tensors.items()}
-        width = max(int(m.sum(1).max()) for k, m in batch.items() if k.endswith("mask"))
-        yield {k: v[:, :width] if v.dim() == 2 and k != "labels" or k.endswith("mask") else v for k, v in batch.items()}
+        width = int(batch["attention_mask"].sum(1).max())
+        target_width = int(batch["target_mask"].sum(1).max()) if "target_mask" in batch else width
+        yield {k: v if v.dim() == 1 else v[:, :target_width if k in ("labels", "target_mask") else width]
+               for k, v in batch.items()}
 
 
 def fit(name, model, tensors, loss_of, *, epochs, batch_size, lr, seed, heldout=None):
@@ -109,7 +112,7 @@ def fit(name, model, tensors, loss_of, *, epochs, batch_size, lr, seed, heldout=
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            total, count = total + float(loss) * len(batch["labels"]), count + len(batch["labels"])
+            total, count = total + float(loss) * len(batch["input_ids"]), count + len(batch["input_ids"])
         line = f"{name} epoch {epoch + 1}/{epochs} | loss {total / count:.4f}"
         if heldout is not None:
             line += f" | held-out {evaluate_loss(model, heldout, loss_of):.4f}"
@@ -123,7 +126,7 @@ def evaluate_loss(model, tensors, loss_of, batch_size=64):
     """Mean of loss_of over the rows (batch losses weighted by rows), model in eval mode."""
     model.eval()
     n = len(next(iter(tensors.values())))
-    total = sum(float(loss_of(model, b)) * len(b["labels"]) for b in batches(tensors, torch.arange(n), batch_size))
+    total = sum(float(loss_of(model, b)) * len(b["input_ids"]) for b in batches(tensors, torch.arange(n), batch_size))
     return total / n
 
 
@@ -151,7 +154,7 @@ def seq2seq_tensors(tokenizer, pairs):
 
 def seq2seq_loss(model, batch):
     """Teacher forcing: decoder input = start token (pad 0) + target[:-1]; mean CE over real target tokens."""
-    labels = batch["labels"][:, :batch["target_mask"].shape[1]]
+    labels = batch["labels"]
     decoder_input = F.pad(labels[:, :-1], (1, 0), value=model.config.decoder_start_token_id)
     logits = model(batch["input_ids"], batch["attention_mask"], decoder_input)
     return F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(batch["target_mask"] == 0, -100))
@@ -271,7 +274,7 @@ def lm_tensors(tokenizer, pairs, n_positions):
     """The fluency scorer's input: BPE(prompt) + BPE(response), truncated longest-first, right-padded."""
     rows = [sum(gpt2.truncate_longest_first(tokenizer.encode(p), tokenizer.encode(r), n_positions), []) for p, r in pairs]
     ids, mask = tokenizer.pad(rows, 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def lm_loss(model, batch):

@@ -35,7 +35,8 @@ def test_unknown_objective_exits_2():
 
 def test_missing_policy_directory(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    assert_one_line_error(run("generate", "--weights", "1,1,1", "--policy", missing, "hello"), "no-such-model")
+    result = run("generate", "--weights", "1,1,1", "--policy", missing, "--adapters", "a", "b", "c", "hello")
+    assert_one_line_error(result, "no-such-model")
 
 
 @pytest.mark.parametrize("weights, needle", [("1,2", "3"), ("0.5,-1,0.2", "negative"), ("a,b,c", "a"),
@@ -69,4 +70,5 @@ def test_corrupt_policy_weights(tmp_path):
     shutil.copytree(source, policy)
     weights = policy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert_one_line_error(run("generate", "--weights", "1,1,1", "--policy", str(policy), "hello"), "model.safetensors")
+    result = run("generate", "--weights", "1,1,1", "--policy", str(policy), "--adapters", "a", "b", "c", "hello")
+    assert_one_line_error(result, "model.safetensors")
