@@ -112,7 +112,7 @@ def fit(name, model, tensors, loss_of, *, epochs, batch_size, lr, seed, heldout=
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            total, count = total + float(loss) * len(batch["input_ids"]), count + len(batch["input_ids"])
+            total, count = total + loss.item() * len(batch["input_ids"]), count + len(batch["input_ids"])
         line = f"{name} epoch {epoch + 1}/{epochs} | loss {total / count:.4f}"
         if heldout is not None:
             line += f" | held-out {evaluate_loss(model, heldout, loss_of):.4f}"
@@ -299,7 +299,7 @@ def build_fluency(directory, train, heldout, seed, epochs):
     tokenizer = gpt2.ByteLevelBPETokenizer(vocab, merges)
     eos = vocab["<|endoftext|>"]
     config = gpt2.GPT2Config(vocab_size=len(vocab), n_positions=spec["n_positions"], n_embd=spec["n_embd"],
-                             n_layer=spec["n_layer"], n_head=spec["n_head"], bos_token_id=eos, eos_token_id=eos)
+                             n_layer=spec["n_layer"], n_head=spec["n_head"])
     torch.manual_seed(seed)
     model = gpt2.GPT2LMHeadModel(config)
     for name, parameter in model.named_parameters():   # GPT-2's init: N(0, 0.02), residual projections / sqrt(2 n_layer)
@@ -314,7 +314,7 @@ def build_fluency(directory, train, heldout, seed, epochs):
     t5.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     t5.write_json(os.path.join(directory, "config.json"),
                   {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **config.to_dict(),
-                   "n_ctx": config.n_positions, "resid_pdrop": TRAIN_DROPOUT, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+                   "n_ctx": config.n_positions, "bos_token_id": eos, "eos_token_id": eos, "resid_pdrop": TRAIN_DROPOUT, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
     t5.write_json(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "GPT2Tokenizer", "model_max_length": spec["n_positions"], "bos_token": "<|endoftext|>",
                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False})
@@ -368,11 +368,28 @@ def rounded(value, digits=6):
 
 
 # ----------------------------------------------------------------------------- the build
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread while building (restored after): float sums then do not depend on the
+    machine's core count, and tiny models gain nothing from threads on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build(out, seed=0, scale=1.0, pair_path=None, empathy_path=None, psych8k_path=None) -> dict:
     """Train and write OUT/{policy,reflection,empathy,fluency}/ + OUT/metrics.json; returns the metrics.
     `scale` multiplies the epochs (at least 1 each) and, below 1, the fraction of training prompts used."""
     if not scale > 0:
         raise t5.InputError(f"--scale must be positive, got {scale}")
+    with single_thread():
+        return _build(out, seed, scale, pair_path, empathy_path, psych8k_path)
+
+
+def _build(out, seed, scale, pair_path, empathy_path, psych8k_path) -> dict:
     root = os.path.dirname(HERE)
     pair_path = pair_path or os.path.join(root, data.DEFAULT_DATA)
     empathy_path = empathy_path or os.path.join(root, data.DEFAULT_EMPATHY)

@@ -35,7 +35,7 @@ def test_unknown_objective_exits_2():
 
 def test_missing_policy_directory(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    result = run("generate", "--weights", "1,1,1", "--policy", missing, "--adapters", "a", "b", "c", "hello")
+    result = run("generate", "hello", "--weights", "1,1,1", "--policy", missing, "--adapters", "a", "b", "c")
     assert_one_line_error(result, "no-such-model")
 
 
@@ -70,5 +70,5 @@ def test_corrupt_policy_weights(tmp_path):
     shutil.copytree(source, policy)
     weights = policy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = run("generate", "--weights", "1,1,1", "--policy", str(policy), "--adapters", "a", "b", "c", "hello")
+    result = run("generate", "hello", "--weights", "1,1,1", "--policy", str(policy), "--adapters", "a", "b", "c")
     assert_one_line_error(result, "model.safetensors")

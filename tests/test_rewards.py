@@ -219,3 +219,112 @@ def test_load_scorers_and_score_all(reflection, empathy, fluency):
         assert values.shape == (3,) and ((values >= 0) & (values <= 1)).all()
     with pytest.raises(InputError, match="unknown objective 'coherence'"):
         rewards.load_scorers({"coherence": str(empathy[0])})
+
+
+# ----------------------------------------------------------------------------- convert (DynaOpt .pt)
+def dynaopt_checkpoint(reflection, path, wrap=lambda sd: sd):
+    """The oracle saved as DynaOpt does (torch.save of CrossScorerCrossEncoder.state_dict()), with the
+    pooler and the position_ids buffer older transformers versions kept in it."""
+    from transformers import RobertaModel
+    _, oracle, _ = reflection
+    state = {k: v.clone() for k, v in oracle.state_dict().items()}
+    pooled = RobertaModel(oracle.cross_encoder.config, add_pooling_layer=True)
+    state.update({"cross_encoder." + k: v for k, v in pooled.state_dict().items() if k.startswith("pooler.")})
+    state["cross_encoder.embeddings.position_ids"] = torch.arange(66)[None]
+    torch.save(wrap(state), str(path))
+    return state
+
+
+def test_convert_dynaopt_checkpoint(reflection, tmp_path):
+    directory, oracle, tokenizer = reflection
+    state = dynaopt_checkpoint(reflection, tmp_path / "reflection_scorer_weight.pt")
+    table = rewards.convert_checkpoint(str(tmp_path / "reflection_scorer_weight.pt"), str(tmp_path / "out"), base=str(directory))
+    mapping = dict(table)
+    assert [k for k, _ in table] == list(state)                                # every key reported, in order
+    assert mapping["cross_encoder.embeddings.word_embeddings.weight"] == "roberta.embeddings.word_embeddings.weight"
+    assert mapping["l1.weight"] == "head.0.weight" and mapping["l2.bias"] == "head.2.bias"
+    assert mapping["cross_encoder.pooler.dense.weight"] == "-" and mapping["cross_encoder.embeddings.position_ids"] == "-"
+    scorer = rewards.ReflectionScorer.from_dir(str(tmp_path / "out"))
+    batch = tokenizer(hf_prompts(), RESPONSES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = oracle(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(scorer(PROMPTS, RESPONSES), expected, atol=1e-5, rtol=0)
+    # a training-script checkpoint: {"state_dict": ...} around a DataParallel ("module.") state_dict
+    dynaopt_checkpoint(reflection, tmp_path / "wrapped.pt",
+                       wrap=lambda sd: {"epoch": 3, "state_dict": {"module." + k: v for k, v in sd.items()}})
+    wrapped = rewards.convert_checkpoint(str(tmp_path / "wrapped.pt"), str(tmp_path / "wrapped.safetensors"))
+    assert [v for _, v in wrapped] == [v for _, v in table]
+    assert t5.load_safetensors(str(tmp_path / "wrapped.safetensors")).keys() == t5.load_safetensors(str(tmp_path / "out")).keys()
+
+
+def test_convert_errors(reflection, tmp_path):
+    state = dynaopt_checkpoint(reflection, tmp_path / "ok.pt")
+    (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(InputError, match="junk.pt: not a PyTorch checkpoint"):
+        rewards.convert_checkpoint(str(tmp_path / "junk.pt"), str(tmp_path / "out"))
+    with pytest.raises(InputError, match="file not found"):
+        rewards.convert_checkpoint(str(tmp_path / "missing.pt"), str(tmp_path / "out"))
+    torch.save({**state, "classifier.dense.weight": torch.zeros(2)}, str(tmp_path / "extra.pt"))
+    with pytest.raises(InputError, match="key classifier.dense.weight does not map"):
+        rewards.convert_checkpoint(str(tmp_path / "extra.pt"), str(tmp_path / "out"))
+    torch.save({k: v for k, v in state.items() if not k.startswith("l2.")}, str(tmp_path / "headless.pt"))
+    with pytest.raises(InputError, match="no tensor for head.2.weight"):
+        rewards.convert_checkpoint(str(tmp_path / "headless.pt"), str(tmp_path / "out"))
+    torch.save([1, 2, 3], str(tmp_path / "list.pt"))
+    with pytest.raises(InputError, match="not a state_dict"):
+        rewards.convert_checkpoint(str(tmp_path / "list.pt"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()                                     # nothing written on error
+
+
+# ----------------------------------------------------------------------------- errors
+def copy_dir(src, dst):
+    import shutil
+    shutil.copytree(str(src), str(dst))
+    return dst
+
+
+def edit_weights(directory, edit):
+    path = str(directory / "model.safetensors")
+    tensors = t5.load_safetensors(path)
+    edit(tensors)
+    t5.save_safetensors(tensors, path)
+
+
+def test_nan_score_is_an_input_error(reflection, tmp_path):
+    directory = copy_dir(reflection[0], tmp_path / "nan")
+    edit_weights(directory, lambda t: t["head.2.bias"].fill_(float("nan")))
+    scorer = rewards.ReflectionScorer.from_dir(str(directory))
+    with pytest.raises(InputError, match=r"NaN reward from reflection scorer \(row 0\)"):
+        scorer(PROMPTS, RESPONSES)
+
+
+def test_corrupt_or_missing_weights(reflection, empathy, fluency, tmp_path):
+    for (source, *_), cls in ((reflection, rewards.ReflectionScorer), (empathy, rewards.EmpathyScorer),
+                              (fluency, rewards.FluencyScorer)):
+        directory = copy_dir(source, tmp_path / cls.name)
+        weights = directory / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:200])                       # truncated download
+        with pytest.raises(InputError, match="corrupt or truncated"):
+            cls.from_dir(str(directory))
+        weights.unlink()
+        with pytest.raises(InputError, match="no \\*.safetensors file"):
+            cls.from_dir(str(directory))
+    directory = copy_dir(reflection[0], tmp_path / "no_head")
+    edit_weights(directory, lambda t: t.pop("head.2.bias"))
+    with pytest.raises(InputError, match="missing key head.2.bias"):
+        rewards.ReflectionScorer.from_dir(str(directory))
+
+
+@pytest.mark.parametrize("name,key", [("reflection", "roberta.embeddings.word_embeddings.weight"),
+                                      ("empathy", "bert.embeddings.word_embeddings.weight"),
+                                      ("fluency", "transformer.wte.weight")])
+def test_vocab_embedding_mismatch(name, key, reflection, empathy, fluency, tmp_path):
+    """A model whose embedding has 8 more rows than its tokenizer has tokens (wrong vocab file)."""
+    source = {"reflection": reflection, "empathy": empathy, "fluency": fluency}[name][0]
+    directory = copy_dir(source, tmp_path / name)
+    config = t5.read_json(str(directory / "config.json"))
+    config["vocab_size"] += 8
+    t5.write_json(str(directory / "config.json"), config)
+    edit_weights(directory, lambda t: t.update({key: torch.cat([t[key], torch.zeros(8, H)])}))
+    with pytest.raises(InputError, match=r"the tokenizer has \d+ tokens but the word embedding has \d+ rows"):
+        rewards.SCORERS[name].from_dir(str(directory))
