@@ -123,7 +123,8 @@ def search_svg(iterations, names, size=150, gap=46) -> str:
         top = 30 + row * (size + gap + 12)
         bounds = it["bounds"]
         out.append(f'<g class="panel" id="iteration-{it["iteration"]}">')
-        out.append(f'<text x="4" y="{top + size / 2}" transform="rotate(-90 10 {top + size / 2})">iteration {it["iteration"]}</text>')
+        out.append(f'<text x="14" y="{top + size / 2}" text-anchor="middle" transform="rotate(-90 14 {top + size / 2})">'
+                   f'iteration {it["iteration"]}</text>')
         rest_axes = [(lo, (lo + hi) / 2, hi) for lo, hi in bounds[2:]]
         for col, rest in enumerate(itertools.product(*rest_axes)):
             left = gap + col * (size + gap)
@@ -160,7 +161,7 @@ def _subpanel(it, rest, left, top, size, low, high, names) -> str:
     for point, mean in zip(it["points"], it["means"]):
         if tuple(point[2:]) != tuple(rest):
             continue
-        label = "w=(" + ",".join(f"{w:.4g}" for w in point) + ") mean " + ("w=0: not decoded" if mean is None else f"{mean:.4f}")
+        label = "w=(" + ",".join(f"{w:.4g}" for w in point) + ") " + ("not decoded (w = 0)" if mean is None else f"mean {mean:.4f}")
         parts.append(f'<circle class="point" cx="{x(point[0]):.1f}" cy="{y(point[1]):.1f}" r="7" fill="{colour(mean, low, high)}" '
                      f'stroke="#333" stroke-width="0.5"><title>{escape(label)}</title></circle>')
     return "\n".join(parts)

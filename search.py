@@ -223,7 +223,7 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
     restart: a killed search resumes where it stopped), the Pareto report, and Figure 5 as SVG.
     `meta` (e.g. adapters, level, prompts) must match the file's to resume from it."""
     names, d = list(names), len(names)
-    header = json.loads(json.dumps({"objectives": names, "iterations": iterations, "meta": meta}))  # as read back
+    header = json.loads(json.dumps({"objectives": names, "num_iterations": iterations, "meta": meta}))  # as read back
     log = []
     if os.path.exists(out_path):
         previous = t5.read_json(out_path)
@@ -247,12 +247,13 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
         bar.close()
     pareto = report.pareto_report(result["evaluations"], names)
     out = {**header, "evaluations": records, "best_weights": result["best_weights"], "best_score": result["best_score"],
-           "grids": result["iterations"], "pareto": pareto}
+           "iterations": result["iterations"], "pareto": pareto}
     t5.write_json(out_path, out)
     if svg_path:
         t5.atomic_write(svg_path, report.search_svg(result["iterations"], names))
     print(report.format_report(pareto))
     best = ",".join(f"{w:.5g}" for w in result["best_weights"] or [])
-    print(f"best weights ({best}) | mean {result['best_score']} | {len(result['evaluations'])} distinct evaluations "
+    score = "n/a" if result["best_score"] is None else f"{result['best_score']:.4f}"
+    print(f"best weights ({best}) | mean {score} | {len(result['evaluations'])} distinct evaluations "
           f"(plain Algorithm 1: {iterations * 3 ** d}) | {out_path}" + (f" | {svg_path}" if svg_path else ""))
     return out

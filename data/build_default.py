@@ -29,6 +29,7 @@ Deviations from the paper / public code (which download pre-trained weights):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -313,7 +314,7 @@ def build_fluency(directory, train, heldout, seed, epochs):
             **{k: v for k, v in FLUENCY_TRAIN.items() if k != "epochs"})
     t5.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     t5.write_json(os.path.join(directory, "config.json"),
-                  {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **config.to_dict(),
+                  {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **dataclasses.asdict(config),
                    "n_ctx": config.n_positions, "bos_token_id": eos, "eos_token_id": eos, "resid_pdrop": TRAIN_DROPOUT, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
     t5.write_json(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "GPT2Tokenizer", "model_max_length": spec["n_positions"], "bos_token": "<|endoftext|>",

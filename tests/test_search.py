@@ -296,7 +296,7 @@ def test_run_search_writes_log_resumes_and_reports(tmp_path, capsys):
     assert line == "eval 12/102 | w=(0.750,0.500,0.000) | reflection 0.812 empathy 0.655 fluency 0.701 | mean 0.723 | 1.2s"
     again = search.run_search(cosine_objective(peak, calls), NAMES, str(out), iterations=3, meta=meta)
     assert again["best_weights"] == final["best_weights"] and len(calls) == len(reference["evaluations"]) - 25
-    assert len(again["grids"]) == 3 and again["evaluations"] == stored["evaluations"]  # finished: nothing re-run
+    assert len(again["iterations"]) == 3 and again["evaluations"] == stored["evaluations"]  # finished: nothing re-run
     with pytest.raises(InputError, match="different search"):
         search.run_search(cosine_objective(peak), NAMES, str(out), iterations=3, meta={**meta, "level": "logit"})
 
