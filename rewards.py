@@ -21,9 +21,11 @@ Deviations from the paper / public code:
 - A NaN/inf score is an InputError naming the scorer (the public code would train on it).
 - Edit rate tokenises with a regex (words and punctuation marks are tokens) instead of
   nltk.word_tokenize (not a dependency); contractions ("don't") stay one token here.
-- The reflection scorer's vocabulary must match its embedding size exactly (the public code loads
-  its .pt with strict=False; here a missing/unexpected key is an error, pooler keys are dropped by
-  convert_checkpoint, which reports every rename).
+- Loading is strict: the public code loads the reflection .pt with strict=False (a missing key would
+  silently stay random); here every key is checked, convert_checkpoint reports each rename and drops
+  only the unused pooler and position-id buffer, and a tokenizer whose size differs from the word
+  embedding's row count is an InputError.
+- Scorers return CPU float32 tensors; score_all returns {objective: FloatTensor[N]} (stack for [N, d]).
 """
 from __future__ import annotations
 
@@ -146,6 +148,7 @@ class Scorer:
 
 
 def check_vocab(num_tokens: int, embedding_rows: int, source):
+    """A tokenizer from another model would index the wrong (or missing) embedding rows."""
     if num_tokens != embedding_rows:
         raise InputError(f"{source}: the tokenizer has {num_tokens} tokens but the word embedding has {embedding_rows} rows")
 
@@ -155,8 +158,6 @@ class ReflectionModel(nn.Module):
 
     def __init__(self, config: bert.BertConfig, head_width: int = 512):
         super().__init__()
-        if config.model_type != "roberta":
-            raise InputError(f"reflection scorer: config model_type is {config.model_type!r}, expected 'roberta'")
         self.roberta = bert.BertModel(config, add_pooling_layer=False)
         self.head = nn.Sequential(nn.Linear(config.hidden_size, head_width), nn.ELU(), nn.Linear(head_width, 1))
 
@@ -171,6 +172,9 @@ class ReflectionScorer(Scorer):
 
     @classmethod
     def from_dir(cls, directory, device="cpu", batch_size=32):
+        config_path = os.path.join(directory, "config.json")
+        if bert.BertConfig.from_json(config_path).model_type != "roberta":
+            raise InputError(f"{config_path}: model_type must be 'roberta' for the reflection scorer")
         model = bert.load_bert(directory, head=ReflectionModel, device=device)
         tokenizer = gpt2.ByteLevelBPETokenizer.from_dir(directory)
         check_vocab(len(tokenizer.encoder), model.roberta.config.vocab_size, directory)
@@ -264,13 +268,12 @@ WRAPPERS = ("state_dict", "model_state_dict", "model")
 
 
 def _unwrap(checkpoint, src) -> dict:
-    for _ in range(3):
-        if isinstance(checkpoint, dict):
-            inner = next((checkpoint[k] for k in WRAPPERS if isinstance(checkpoint.get(k), dict)), None)
-            if inner is not None and not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-                checkpoint = inner
-                continue
-        break
+    """The state_dict inside a training checkpoint ({"state_dict": ..., "epoch": ...}) or the file itself."""
+    while isinstance(checkpoint, dict) and not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        inner = next((checkpoint[k] for k in WRAPPERS if isinstance(checkpoint.get(k), dict)), None)
+        if inner is None:
+            break
+        checkpoint = inner
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise InputError(f"{src}: not a state_dict (found {type(checkpoint).__name__})")
     for key, value in checkpoint.items():
@@ -292,14 +295,18 @@ def checkpoint_key(key: str, src="checkpoint") -> str | None:
 
 
 def convert_checkpoint(src, dst, base=None) -> list[tuple[str, str]]:
-    """DynaOpt-style PyTorch .pt/.bin -> our reflection-scorer safetensors; returns the
-    (source key, our key) table for the caller to print ("-" = dropped). `dst` is a folder (gets model.safetensors) or a
-    .safetensors path. `base`: a HF roberta-base folder whose config.json, vocab.json and merges.txt
-    are copied next to the weights, making `dst` a complete scorer directory."""
+    """DynaOpt-style PyTorch .pt/.bin -> our reflection-scorer safetensors (torch.load weights_only);
+    returns the (source key, our key) table for the caller to print ("-" = dropped). `dst` is a folder
+    (gets model.safetensors) or a .safetensors path. `base`: a HF roberta-base folder whose config.json,
+    vocab.json and merges.txt are copied next to the weights, making `dst` a complete scorer directory."""
     import shutil
 
     if not os.path.isfile(src):
         raise InputError(f"{src}: file not found")
+    tokenizer_files = ("config.json", "vocab.json", "merges.txt")
+    for name in tokenizer_files if base is not None else ():
+        if not os.path.isfile(os.path.join(base, name)):
+            raise InputError(f"{base}: no {name} (expected a HF roberta-base folder)")
     try:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:                 # the unpickler fails in many ways on a file that is no checkpoint
@@ -319,9 +326,6 @@ def convert_checkpoint(src, dst, base=None) -> list[tuple[str, str]]:
     folder = dst if not str(dst).endswith(".safetensors") else os.path.dirname(os.path.abspath(dst))
     target = dst if str(dst).endswith(".safetensors") else os.path.join(dst, "model.safetensors")
     t5.save_safetensors(tensors, target, metadata={"format": "pt", "converted_from": os.path.basename(src)})
-    if base is not None:
-        for name in ("config.json", "vocab.json", "merges.txt"):
-            if not os.path.isfile(os.path.join(base, name)):
-                raise InputError(f"{base}: no {name} (expected a HF roberta-base folder)")
-            shutil.copyfile(os.path.join(base, name), os.path.join(folder, name))
+    for name in tokenizer_files if base is not None else ():
+        shutil.copyfile(os.path.join(base, name), os.path.join(folder, name))
     return table

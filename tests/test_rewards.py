@@ -273,6 +273,8 @@ def test_convert_errors(reflection, tmp_path):
     torch.save([1, 2, 3], str(tmp_path / "list.pt"))
     with pytest.raises(InputError, match="not a state_dict"):
         rewards.convert_checkpoint(str(tmp_path / "list.pt"), str(tmp_path / "out"))
+    with pytest.raises(InputError, match="no merges.txt"):
+        rewards.convert_checkpoint(str(tmp_path / "ok.pt"), str(tmp_path / "out"), base=str(tmp_path))
     assert not (tmp_path / "out").exists()                                     # nothing written on error
 
 
@@ -309,6 +311,8 @@ def test_corrupt_or_missing_weights(reflection, empathy, fluency, tmp_path):
         weights.unlink()
         with pytest.raises(InputError, match="no \\*.safetensors file"):
             cls.from_dir(str(directory))
+    with pytest.raises(InputError, match="model_type must be 'roberta'"):
+        rewards.ReflectionScorer.from_dir(str(empathy[0]))               # a BERT folder given as reflection
     directory = copy_dir(reflection[0], tmp_path / "no_head")
     edit_weights(directory, lambda t: t.pop("head.2.bias"))
     with pytest.raises(InputError, match="missing key head.2.bias"):
