@@ -182,6 +182,8 @@ class TrainingRun:
     """Everything a run must carry across a kill -9: step, data cursor, validation history, bandit,
     RNG states, optimiser and adapter. Saved atomically at every validation."""
 
+    CARRIED = ("step", "epoch", "cursor", "elapsed", "history", "validations", "converged", "bandit_arm", "log_sizes")
+
     def __init__(self, run_dir: str, args, num_train: int):
         self.run_dir, self.args, self.num_train = run_dir, args, num_train
         self.step, self.epoch, self.cursor, self.elapsed = 0, 0, 0, 0.0
@@ -222,8 +224,7 @@ class TrainingRun:
 
     # --- checkpoint
     def save(self, model, optimizer, generator):
-        state = {key: getattr(self, key) for key in ("step", "epoch", "cursor", "elapsed", "history", "validations",
-                                                   "converged", "bandit_arm", "log_sizes")}
+        state = {key: getattr(self, key) for key in self.CARRIED}
         state["bandit_weights"], state["bandit_rng"] = self.bandit.weights, self.bandit_rng.getstate()
         checkpoint = {"state": state, "adapter": {n: p.detach().cpu() for n, p in adapter_tensors(model, self.args.objective)},
                       "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "generator": generator.get_state()}
@@ -240,7 +241,7 @@ class TrainingRun:
         except Exception as e:                                # noqa: BLE001 - any unpickling failure
             raise InputError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart the run") from None
         state = checkpoint["state"]
-        for key in ("step", "epoch", "cursor", "elapsed", "history", "validations", "converged", "bandit_arm", "log_sizes"):
+        for key in self.CARRIED:
             setattr(self, key, state[key])
         self.bandit.weights = list(state["bandit_weights"])
         self.bandit_rng.setstate(_as_tuple(state["bandit_rng"]))

@@ -273,7 +273,7 @@ def test_convert_errors(reflection, tmp_path):
     torch.save([1, 2, 3], str(tmp_path / "list.pt"))
     with pytest.raises(InputError, match="not a state_dict"):
         rewards.convert_checkpoint(str(tmp_path / "list.pt"), str(tmp_path / "out"))
-    with pytest.raises(InputError, match="no merges.txt"):
+    with pytest.raises(InputError, match="no config.json .expected a HF roberta-base folder"):
         rewards.convert_checkpoint(str(tmp_path / "ok.pt"), str(tmp_path / "out"), base=str(tmp_path))
     assert not (tmp_path / "out").exists()                                     # nothing written on error
 
