@@ -161,10 +161,11 @@ def cmd_evaluate(args):
 
 def cmd_convert(args):
     import rewards
-    mapping = rewards.convert_checkpoint(args.src, args.dst)
+    mapping = rewards.convert_checkpoint(args.src, args.dst, base=args.base)
     for source, target in mapping:
         print(f"{source} -> {target}")
-    print(f"wrote {args.dst} ({len(mapping)} tensors)")
+    print(f"wrote {args.dst} ({sum(target != '-' for _, target in mapping)} tensors, "
+          f"{sum(target == '-' for _, target in mapping)} dropped)")
 
 
 def cmd_build_default(args):
@@ -230,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.set_defaults(func=cmd_evaluate)
 
     convert = commands.add_parser("convert", help="turn a PyTorch .pt/.bin scorer checkpoint into safetensors")
-    convert.add_argument("src")
-    convert.add_argument("dst")
+    convert.add_argument("src", help="the .pt / .bin checkpoint (e.g. DynaOpt's reflection scorer)")
+    convert.add_argument("dst", help="output folder (or a .safetensors path)")
+    convert.add_argument("--base", help="a roberta-base folder whose config.json, vocab.json, merges.txt are copied beside it")
     convert.set_defaults(func=cmd_convert)
 
     build = commands.add_parser("build-default", help="rebuild the embedded small models (data/build_default.py)")

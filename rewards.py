@@ -1,18 +1,18 @@
-"""Rewards and metrics of EMORL: the three text scorers (paper §3, §5.3), the "logsum" reward
+"""Rewards and metrics of EMORL: the three text scorers (paper §5.3, SPEC §3), the "logsum" reward
 combination (SPEC §2), Diversity-2 and edit rate (§5.3, Table 1), and the converter for the
 DynaOpt reflection-scorer checkpoint.
 
 Scorers (each maps a batch of (client prompt, response) pairs to FloatTensor[N] in [0, 1]):
-- reflection: RoBERTa cross-encoder over the pair <s> prompt </s></s> response </s> -> encoder (no
-  pooler) -> CLS vector -> Linear(H, 512) -> ELU -> Linear(512, 1) -> sigmoid (DynaOpt's
-  CrossScorerCrossEncoder, as used by the public code).
-- empathy: BERT sequence classifier (num_labels = 1) over [CLS] prompt [SEP] response [SEP];
-  score = logit clamped to [0, 1].
+- reflection: RoBERTa cross-encoder over <s> prompt </s></s> response </s> -> encoder (no pooler)
+  -> CLS vector -> Linear(H, 512) -> ELU -> Linear(512, 1) -> sigmoid (DynaOpt's CrossScorerCrossEncoder).
+- empathy: BERT or DistilBERT sequence classifier (num_labels = 1) over [CLS] prompt [SEP] response
+  [SEP]; score = logit clamped to [0, 1]. The paper's "bert-empathy" is a DistilBERT.
 - fluency: GPT-2 on the token concatenation BPE(prompt) + BPE(response) (what the public code's
   GPT2Tokenizer(prompt, response) pair call produces: no space, no special token in between);
   ppl = exp(mean next-token NLL), score = (50 - ppl) / 50 clipped to [0, 1].
 As in the public code, a prompt is the client statement: text from "[SEP]" on is dropped and the
-rest stripped, so both `prompt` and `prompt + " [SEP] "` give the same score.
+rest stripped, so `prompt` and `prompt + " [SEP] "` score the same. Diversity-2 is the public code's
+per-text distinct-2 (whitespace words) averaged over the set.
 
 Deviations from the paper / public code:
 - Fluency is batched (right padding, per-row mean NLL over its real tokens); the public code runs
@@ -127,9 +127,6 @@ class Scorer:
     def __init__(self, model, tokenizer, device="cpu", batch_size=32):
         self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
 
-    def score_batch(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        raise NotImplementedError
-
     def _batched(self, fn, prompts, responses) -> torch.Tensor:
         prompts, responses = [client_prompt(p) for p in prompts], list(responses)
         if len(prompts) != len(responses):
@@ -142,7 +139,7 @@ class Scorer:
         return torch.cat(out)
 
     def __call__(self, prompts, responses) -> torch.Tensor:
-        scores = self._batched(self.score_batch, prompts, responses)
+        scores = self._batched(self.score_batch, prompts, responses)        # score_batch: per subclass
         check_finite(scores, f"{self.name} scorer")
         return scores
 
@@ -187,15 +184,72 @@ class ReflectionScorer(Scorer):
         return self.model(batch["input_ids"], batch["attention_mask"])
 
 
+# The paper's "bert-empathy" (huggingface.co/MoaazZaki/bert-empathy) is a DistilBERT classifier. A
+# DistilBERT layer computes what a BERT layer does, under other names and without token types, so it
+# runs on bert.BertModel (one all-zero token-type row) with this key map; its head differs from BERT's:
+# h_CLS -> pre_classifier -> ReLU -> classifier (BERT: tanh pooler -> classifier).
+DISTILBERT_KEY_MAP = (
+    (r"^distilbert\.", "bert."), (r"\.transformer\.layer\.", ".encoder.layer."),
+    (r"\.attention\.q_lin\.", ".attention.self.query."), (r"\.attention\.k_lin\.", ".attention.self.key."),
+    (r"\.attention\.v_lin\.", ".attention.self.value."), (r"\.attention\.out_lin\.", ".attention.output.dense."),
+    (r"\.sa_layer_norm\.", ".attention.output.LayerNorm."), (r"\.ffn\.lin1\.", ".intermediate.dense."),
+    (r"\.ffn\.lin2\.", ".output.dense."), (r"\.output_layer_norm\.", ".output.LayerNorm."),
+)
+
+
+class DistilBertClassifier(nn.Module):
+    def __init__(self, config: bert.BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = bert.BertModel(config, add_pooling_layer=False)
+        self.pre_classifier = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):   # DistilBERT has no token types
+        cls = self.bert(input_ids, attention_mask)[:, 0]
+        return self.classifier(torch.relu(self.pre_classifier(cls)))
+
+
+def load_distilbert_classifier(directory, raw: dict, device="cpu") -> DistilBertClassifier:
+    """HF DistilBertForSequenceClassification folder (config.json fields dim, n_layers, n_heads, hidden_dim)."""
+    source = os.path.join(directory, "config.json")
+    if raw.get("activation", "gelu") != "gelu":
+        raise InputError(f"{source}: activation {raw.get('activation')!r} is not supported (expected 'gelu')")
+    try:
+        config = bert.BertConfig(vocab_size=raw["vocab_size"], hidden_size=raw["dim"], num_hidden_layers=raw["n_layers"],
+                                 num_attention_heads=raw["n_heads"], intermediate_size=raw["hidden_dim"],
+                                 max_position_embeddings=raw.get("max_position_embeddings", 512), type_vocab_size=1,
+                                 pad_token_id=raw.get("pad_token_id", 0),
+                                 num_labels=len(raw["id2label"]) if "id2label" in raw else raw.get("num_labels", 2))
+    except KeyError as e:
+        raise InputError(f"{source}: missing field {e.args[0]}") from None
+    tensors = {}
+    for key, value in t5.load_safetensors(directory).items():
+        if not key.endswith("embeddings.position_ids"):
+            for pattern, replacement in DISTILBERT_KEY_MAP:
+                key = re.sub(pattern, replacement, key)
+            tensors[key] = value
+    tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, config.hidden_size)
+    model = DistilBertClassifier(config)
+    t5.load_strict(model, tensors, directory)
+    return model.to(device).eval()
+
+
 class EmpathyScorer(Scorer):
-    """Empathy score = clamp(BERT classifier logit over [CLS] prompt [SEP] response [SEP], 0, 1)."""
+    """Empathy score = clamp(classifier logit over [CLS] prompt [SEP] response [SEP], 0, 1); the classifier
+    is a BERT (model_type "bert") or DistilBERT (model_type "distilbert", the paper's bert-empathy)."""
     name = "empathy"
 
     @classmethod
     def from_dir(cls, directory, device="cpu", batch_size=32):
-        model = bert.load_bert(directory, head="classification", device=device)
+        raw = t5.read_json(os.path.join(directory, "config.json"))
+        if raw.get("model_type") == "distilbert":
+            model = load_distilbert_classifier(directory, raw, device)
+        else:
+            model = bert.load_bert(directory, head="classification", device=device)
         if model.config.num_labels != 1:
-            raise InputError(f"{directory}: the empathy classifier has {model.config.num_labels} labels, expected 1 (a regression logit)")
+            raise InputError(f"{directory}: the empathy classifier has {model.config.num_labels} labels, "
+                             "expected 1 (a regression logit)")
         tokenizer = bert.WordPieceTokenizer.from_dir(directory)
         check_vocab(tokenizer.vocab_size, model.config.vocab_size, directory)
         return cls(model, tokenizer, device, batch_size)
@@ -310,7 +364,8 @@ def convert_checkpoint(src, dst, base=None) -> list[tuple[str, str]]:
     try:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:                 # the unpickler fails in many ways on a file that is no checkpoint
-        raise InputError(f"{src}: not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise InputError(f"{src}: not a PyTorch checkpoint of tensors (torch.load with weights_only=True "
+                         f"failed: {type(e).__name__})") from None
     state = _unwrap(checkpoint, src)
     table, tensors = [], {}
     for key, value in state.items():
@@ -320,7 +375,8 @@ def convert_checkpoint(src, dst, base=None) -> list[tuple[str, str]]:
             if ours in tensors:
                 raise InputError(f"{src}: key {key} maps to {ours}, which another key already filled")
             tensors[ours] = value.detach().clone()
-    for needed in ("roberta.embeddings.word_embeddings.weight", "head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"):
+    for needed in ("roberta.embeddings.word_embeddings.weight", "head.0.weight", "head.0.bias", "head.2.weight",
+                   "head.2.bias"):
         if needed not in tensors:
             raise InputError(f"{src}: no tensor for {needed} (is this a reflection-scorer checkpoint?)")
     folder = dst if not str(dst).endswith(".safetensors") else os.path.dirname(os.path.abspath(dst))

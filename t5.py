@@ -4,23 +4,30 @@ every loader in this project shares.
 Paper: the policy is T5-base (§5.2); training adds LoRA adapters to its linear layers (§4, Eq. 4,
 lora.py); hidden-state aggregation (§4.1, Eq. 2, search.py) needs the last decoder hidden state
 *after* the final layer norm, apart from the LM head: `decode` returns it, `logits` applies the head.
+Generation (§5.2, SPEC §1): prompt + " [SEP] " -> at most 64 new tokens, stop at </s>.
 
-T5 (Raffel et al., 2020) details this file reproduces, weight-for-weight with Hugging Face:
+T5 (Raffel et al., 2020) details reproduced weight-for-weight with Hugging Face (tests/test_t5.py):
 - pre-norm residual blocks; RMS layer norm (no mean, no bias) computed in fp32;
 - attention without the 1/sqrt(d) scaling; relative position bias (32 log-spaced buckets up to
   128 tokens; bidirectional in the encoder, causal in the decoder) computed by the first block
   of each stack and added in every block; none on cross-attention;
-- v1.0: ReLU feed-forward, LM head tied to the input embedding and the decoder output rescaled by
+- v1.0: ReLU feed-forward, LM head tied to the input embedding, decoder output rescaled by
   d_model^-0.5; v1.1 / flan: gated tanh-GELU feed-forward, untied LM head, no rescaling;
+- dropout where HF has it (embeddings, attention weights, sublayer outputs, FFN, final norm);
 - incremental decoding: self-attention K/V grow by one step per call, cross-attention K/V are
-  computed once per prompt (`KVCache`); `decode_loop` is model-agnostic, so the ensembles of
-  search.py reuse it with their own `next_logits`.
+  computed once per prompt (`KVCache`); `decode_loop` knows nothing of the model, so the
+  ensembles of search.py reuse it with their own `next_logits`.
+- Module names equal HF's parameter names; `checkpoint_key_map(model)` is the printable key map
+  (identity + the tied / unused keys HF may or may not write).
 
 Deviations from Hugging Face / the public code:
 - no fp16 overflow clamping (run fp32 or bf16); no beam search, top-k/top-p, repetition penalty;
 - special-token strings inside text ("</s>", "<extra_id_0>") are tokenized as plain text;
-- HF 5.x writes `tie_word_embeddings: true` for every T5 and keeps the v1.0/v1.1 difference in
-  `scale_decoder_outputs`; we read both (see `T5Config.from_json`, `checkpoint_key_map`).
+- HF 5.x writes `tie_word_embeddings: true` for every T5 and keeps the v1.0 / v1.1 difference in
+  `scale_decoder_outputs`; the config carries both fields (`scale_decoder_outputs` defaults to
+  `tie_word_embeddings`, which is what HF 4.x checkpoints mean), and a "tied" checkpoint whose
+  lm_head.weight differs from shared.weight is loaded untied, as HF 5.x does;
+- untied input embeddings (encoder/decoder.embed_tokens != shared) are refused, not loaded.
 """
 from __future__ import annotations
 
@@ -156,9 +163,13 @@ class T5Config:
         for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
             if not isinstance(raw.get(key), int) or raw[key] <= 0:
                 raise InputError(f"{path}: key {key} must be a positive integer, got {raw.get(key)!r}")
-        if "feed_forward_proj" not in raw and "is_gated_act" in raw:  # HF derives these two from feed_forward_proj
-            gated, act = raw["is_gated_act"], raw.get("dense_act_fn", "relu")
-            raw["feed_forward_proj"] = {(False, "relu"): "relu", (True, "gelu_new"): "gated-gelu"}.get((gated, act), f"{'gated-' if gated else ''}{act}")
+        # HF writes is_gated_act / dense_act_fn derived from feed_forward_proj: derive it back if absent
+        act = {"gelu_new": "gelu"}.get(raw.get("dense_act_fn"), raw.get("dense_act_fn"))
+        derived = ("gated-" if raw.get("is_gated_act") else "") + act if act else None
+        raw.setdefault("feed_forward_proj", derived or "relu")
+        if derived and derived != raw["feed_forward_proj"]:
+            raise InputError(f"{path}: feed_forward_proj {raw['feed_forward_proj']!r} contradicts "
+                             f"is_gated_act/dense_act_fn ({raw.get('is_gated_act')}, {raw['dense_act_fn']!r})")
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if raw.get(k) is not None}
         fields.setdefault("decoder_start_token_id", fields.get("pad_token_id", 0))
         for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
@@ -224,7 +235,8 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
         self.bidirectional = bidirectional
-        self.num_buckets, self.max_distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
@@ -273,17 +285,33 @@ class T5DenseActDense(nn.Module):
 
 
 class T5LayerSelfAttention(nn.Module):
+    """x + SelfAttention(norm(x)); `past` holds the K/V of earlier decoder tokens."""
+
     def __init__(self, config, has_relative_attention_bias, bidirectional):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_relative_attention_bias, bidirectional)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, bias, past=None):
+        h = self.layer_norm(x)
+        key, value = self.SelfAttention.key_values(h)
+        if past is not None:
+            key, value = torch.cat([past[0], key], 2), torch.cat([past[1], value], 2)
+        return x + self.dropout(self.SelfAttention(h, key, value, bias)), (key, value)
 
 
 class T5LayerCrossAttention(nn.Module):
+    """x + EncDecAttention(norm(x), encoder K/V); no position bias, only the prompt's padding mask."""
+
     def __init__(self, config):
         super().__init__()
         self.EncDecAttention = T5Attention(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, key_value, bias):
+        return x + self.dropout(self.EncDecAttention(self.layer_norm(x), *key_value, bias))
 
 
 class T5LayerFF(nn.Module):
@@ -291,6 +319,10 @@ class T5LayerFF(nn.Module):
         super().__init__()
         self.DenseReluDense = T5DenseActDense(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x):
+        return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
 
 
 class T5Block(nn.Module):
@@ -302,8 +334,8 @@ class T5Block(nn.Module):
 
 
 class T5Stack(nn.Module):
-    """Blocks + final norm. The token embedding lives in the parent (`shared`), so no tied copy
-    appears in the state dict."""
+    """Blocks + final norm (+ dropout on the embeddings and the output, as HF). The token embedding
+    lives in the parent (`shared`), so no tied copy appears in the state dict."""
 
     def __init__(self, config, is_decoder):
         super().__init__()
@@ -333,7 +365,6 @@ class T5ForConditionalGeneration(nn.Module):
         self.decoder = T5Stack(config, is_decoder=True)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -357,14 +388,13 @@ class T5ForConditionalGeneration(nn.Module):
     def encode(self, input_ids, attention_mask):
         """[B,S] token ids + [B,S] 1/0 mask -> encoder output [B,S,D] (after the final norm)."""
         enc = self.encoder
-        x = self.dropout(self.shared(input_ids))
-        first = enc.block[0].layer[0].SelfAttention
-        bias = first.position_bias(x.shape[1], x.shape[1]).to(x.dtype) + padding_bias(attention_mask, x.dtype)
+        x = enc.dropout(self.shared(input_ids))
+        bias = enc.block[0].layer[0].SelfAttention.position_bias(x.shape[1], x.shape[1]).to(x.dtype)
+        bias = bias + padding_bias(attention_mask, x.dtype)  # computed once, used by every block
         for block in enc.block:
-            attn, ff = block.layer
-            h = attn.layer_norm(x)
-            x = x + self.dropout(attn.SelfAttention(h, *attn.SelfAttention.key_values(h), bias))
-            x = x + self.dropout(ff.DenseReluDense(ff.layer_norm(x)))
+            self_attention, feed_forward = block.layer
+            x, _ = self_attention(x, bias)
+            x = feed_forward(x)
         return enc.dropout(enc.final_layer_norm(x))
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None):
@@ -375,24 +405,19 @@ class T5ForConditionalGeneration(nn.Module):
         if cache is None:
             cache = KVCache(len(dec.block))
             cache.cross_bias = padding_bias(encoder_mask, encoder_hidden.dtype)
-        x = self.dropout(self.shared(decoder_input_ids))
+        x = dec.dropout(self.shared(decoder_input_ids))
         past, new = cache.length, x.shape[1]
         bias = dec.block[0].layer[0].SelfAttention.position_bias(new, past + new, offset=past).to(x.dtype)
         if new > 1:  # causal mask; a single new token may see everything before it
             key, query = torch.arange(past + new, device=x.device), torch.arange(past, past + new, device=x.device)
             bias = bias.masked_fill(key[None, :] > query[:, None], torch.finfo(x.dtype).min)
         for i, block in enumerate(dec.block):
-            self_attn, cross_attn, ff = block.layer
-            h = self_attn.layer_norm(x)
-            key, value = self_attn.SelfAttention.key_values(h)
-            if cache.self_kv[i] is not None:
-                key, value = torch.cat([cache.self_kv[i][0], key], 2), torch.cat([cache.self_kv[i][1], value], 2)
-            cache.self_kv[i] = (key, value)
-            x = x + self.dropout(self_attn.SelfAttention(h, key, value, bias))
-            if cache.cross_kv[i] is None:
-                cache.cross_kv[i] = cross_attn.EncDecAttention.key_values(encoder_hidden)
-            x = x + self.dropout(cross_attn.EncDecAttention(cross_attn.layer_norm(x), *cache.cross_kv[i], cache.cross_bias))
-            x = x + self.dropout(ff.DenseReluDense(ff.layer_norm(x)))
+            self_attention, cross_attention, feed_forward = block.layer
+            x, cache.self_kv[i] = self_attention(x, bias, cache.self_kv[i])
+            if cache.cross_kv[i] is None:  # once per prompt
+                cache.cross_kv[i] = cross_attention.EncDecAttention.key_values(encoder_hidden)
+            x = cross_attention(x, cache.cross_kv[i], cache.cross_bias)
+            x = feed_forward(x)
         cache.length = past + new
         return dec.dropout(dec.final_layer_norm(x)), cache
 
@@ -486,7 +511,8 @@ class T5Tokenizer:
 
     def batch_encode(self, texts, max_length=128, device="cpu"):
         """-> (input_ids, attention_mask) [B,L], right-padded with pad_id; a truncated text keeps its eos."""
-        rows = [ids if len(ids) <= max_length else ids[:max_length - 1] + [self.eos_id] for ids in map(self.encode, texts)]
+        rows = [self.encode(text) for text in texts]
+        rows = [ids if len(ids) <= max_length else ids[:max_length - 1] + [self.eos_id] for ids in rows]
         width = max(map(len, rows), default=0)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -542,10 +568,11 @@ def load_t5(directory, device="cpu"):
         if target is not None:
             state[target] = value
         elif key.endswith("embed_tokens.weight") and not torch.equal(value, shared):
-            raise InputError(f"{directory}: key {key} differs from shared.weight (untied input embeddings are not supported)")
+            raise InputError(f"{directory}: key {key} differs from shared.weight (untied embeddings are not supported)")
     load_strict(model, state, directory)
     if tokenizer.vocab_size > config.vocab_size:
-        raise InputError(f"{directory}: spiece.model has {tokenizer.vocab_size} ids (with sentinels), config vocab_size is {config.vocab_size}")
+        raise InputError(f"{directory}: spiece.model has {tokenizer.vocab_size} ids (with sentinels), "
+                         f"more than config.json's vocab_size {config.vocab_size}")
     return model.to(device).eval(), tokenizer
 
 

@@ -12,6 +12,7 @@ import t5
 from t5 import InputError
 
 PROMPTS = ["I feel so alone since my sister moved away.", "Work is fine I guess", "I can't sleep. [SEP] "]
+CLIENT_PROMPTS = ["I feel so alone since my sister moved away.", "Work is fine I guess", "I can't sleep."]  # what HF sees
 RESPONSES = ["It sounds like you miss her a lot.", "", "You are worried and tired, and you want rest."]
 CORPUS = PROMPTS + RESPONSES + ["you feel sad and alone", "it sounds like work is hard for you", "sleep is hard"]
 
@@ -72,10 +73,12 @@ def test_check_finite():
 # ----------------------------------------------------------------------------- tiny models (HF oracle)
 H = 16          # tiny models use initializer_range 0.2: with 0.02 every input gets nearly the same score
 
+
 def train_bpe(directory, special_tokens):
     from tokenizers import ByteLevelBPETokenizer
     tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(CORPUS * 3, vocab_size=320, min_frequency=1, special_tokens=special_tokens, show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 3, vocab_size=320, min_frequency=1, special_tokens=special_tokens,
+                                  show_progress=False)
     os.makedirs(directory, exist_ok=True)
     tokenizer.save_model(str(directory))
     return tokenizer.get_vocab_size()
@@ -137,7 +140,7 @@ def empathy(tmp_path_factory):
                         intermediate_size=32, max_position_embeddings=64, num_labels=1, initializer_range=0.2)
     oracle = BertForSequenceClassification(config).eval()
     with torch.no_grad():          # classifier chosen so the test pairs' logits are -0.5, 0.5, 1.5 (clamp both ways)
-        pooled = oracle.bert(**tokenizer(hf_prompts(), RESPONSES, padding=True, return_tensors="pt")).pooler_output
+        pooled = oracle.bert(**tokenizer(CLIENT_PROMPTS, RESPONSES, padding=True, return_tensors="pt")).pooler_output
         solution = torch.linalg.pinv(torch.cat([pooled, torch.ones(3, 1)], dim=1)) @ torch.tensor([-0.5, 0.5, 1.5])
         oracle.classifier.weight.copy_(solution[:-1][None])
         oracle.classifier.bias.copy_(solution[-1:])
@@ -160,14 +163,10 @@ def fluency(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- scorers vs HF
-def hf_prompts():
-    return [rewards.client_prompt(p) for p in PROMPTS]
-
-
 def test_reflection_scorer_matches_hf(reflection):
     directory, oracle, tokenizer = reflection
     scorer = rewards.ReflectionScorer.from_dir(str(directory), batch_size=2)   # batches of 2 and 1
-    batch = tokenizer(hf_prompts(), RESPONSES, padding=True, truncation=True, return_tensors="pt")
+    batch = tokenizer(CLIENT_PROMPTS, RESPONSES, padding=True, truncation=True, return_tensors="pt")
     assert batch["attention_mask"].min() == 0                                   # padding is exercised
     with torch.no_grad():
         expected = oracle(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -182,7 +181,7 @@ def test_reflection_scorer_matches_hf(reflection):
 def test_empathy_scorer_matches_hf(empathy):
     directory, oracle, tokenizer = empathy
     scorer = rewards.EmpathyScorer.from_dir(str(directory), batch_size=2)
-    batch = tokenizer(hf_prompts(), RESPONSES, padding=True, truncation=True, return_tensors="pt")
+    batch = tokenizer(CLIENT_PROMPTS, RESPONSES, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         logits = oracle(**batch).logits[:, 0]
     scores = scorer(PROMPTS, RESPONSES)
@@ -200,7 +199,7 @@ def hf_perplexity(oracle, tokenizer, prompt, response):
 def test_fluency_scorer_matches_hf(fluency):
     directory, oracle, tokenizer = fluency
     scorer = rewards.FluencyScorer.from_dir(str(directory), batch_size=2)
-    expected = torch.tensor([hf_perplexity(oracle, tokenizer, p, r) for p, r in zip(hf_prompts(), RESPONSES)])
+    expected = torch.tensor([hf_perplexity(oracle, tokenizer, p, r) for p, r in zip(CLIENT_PROMPTS, RESPONSES)])
     torch.testing.assert_close(scorer.perplexity(PROMPTS, RESPONSES), expected, rtol=1e-5, atol=0)
     # a random tiny model has ppl ~ vocab size > 50, so the real cap gives 0; a larger cap shows the formula
     assert torch.equal(scorer(PROMPTS, RESPONSES), torch.zeros(3))
@@ -245,7 +244,7 @@ def test_convert_dynaopt_checkpoint(reflection, tmp_path):
     assert mapping["l1.weight"] == "head.0.weight" and mapping["l2.bias"] == "head.2.bias"
     assert mapping["cross_encoder.pooler.dense.weight"] == "-" and mapping["cross_encoder.embeddings.position_ids"] == "-"
     scorer = rewards.ReflectionScorer.from_dir(str(tmp_path / "out"))
-    batch = tokenizer(hf_prompts(), RESPONSES, padding=True, return_tensors="pt")
+    batch = tokenizer(CLIENT_PROMPTS, RESPONSES, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = oracle(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(scorer(PROMPTS, RESPONSES), expected, atol=1e-5, rtol=0)
@@ -332,3 +331,42 @@ def test_vocab_embedding_mismatch(name, key, reflection, empathy, fluency, tmp_p
     edit_weights(directory, lambda t: t.update({key: torch.cat([t[key], torch.zeros(8, H)])}))
     with pytest.raises(InputError, match=r"the tokenizer has \d+ tokens but the word embedding has \d+ rows"):
         rewards.SCORERS[name].from_dir(str(directory))
+
+
+def test_empathy_scorer_loads_distilbert(tmp_path):
+    """The paper's bert-empathy (MoaazZaki/bert-empathy) is a DistilBertForSequenceClassification."""
+    from transformers import BertTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+    vocab = train_wordpiece(tmp_path)
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(3)
+    config = DistilBertConfig(vocab_size=vocab, dim=H, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=64,
+                              num_labels=1, initializer_range=0.2)
+    oracle = DistilBertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        oracle.classifier.bias.zero_()                     # logits inside (0, 1): the network, not the clamp, decides
+    oracle.save_pretrained(str(tmp_path))
+    batch = tokenizer(CLIENT_PROMPTS, RESPONSES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = oracle(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    scorer = rewards.EmpathyScorer.from_dir(str(tmp_path), batch_size=2)
+    torch.testing.assert_close(scorer(PROMPTS, RESPONSES), logits.clamp(0, 1), atol=1e-5, rtol=0)
+    assert ((logits > 0) & (logits < 1)).all() and len(set(logits.tolist())) == 3
+
+
+def test_long_pairs_are_truncated_like_hf(reflection, fluency):
+    """Pairs longer than the context are cut longest-first (HF truncation=True), not an error."""
+    prompt, response = " ".join(CORPUS * 2), "it sounds like work is hard for you " * 3
+    directory, oracle, tokenizer = reflection                                   # 66 positions -> 64 tokens
+    batch = tokenizer([prompt], [response], truncation=True, max_length=64, return_tensors="pt")
+    assert batch["input_ids"].shape[1] == 64
+    with torch.no_grad():
+        expected = oracle(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    scorer = rewards.ReflectionScorer.from_dir(str(directory))
+    torch.testing.assert_close(scorer([prompt], [response]), expected, atol=1e-5, rtol=0)
+    directory, oracle, tokenizer = fluency                                      # 64 positions
+    ids = torch.tensor([tokenizer(prompt, response, truncation=True, max_length=64)["input_ids"]])
+    assert ids.shape[1] == 64
+    with torch.no_grad():
+        expected = torch.exp(oracle(input_ids=ids, labels=ids).loss)
+    perplexity = rewards.FluencyScorer.from_dir(str(directory)).perplexity([prompt], [response])
+    torch.testing.assert_close(perplexity[0], expected, rtol=1e-5, atol=0)

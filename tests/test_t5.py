@@ -194,6 +194,8 @@ def test_save_t5_roundtrip_loads_in_hf(pair, tmp_path, spiece):
     assert again.config == ours.config and tokenizer.vocab_size == 250
     for key, value in ours.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
+    t5.save_t5(again, tokenizer, tmp_path / "copy")  # from a tokenizer object: same spiece.model bytes
+    assert (tmp_path / "copy" / "spiece.model").read_bytes() == open(spiece, "rb").read()
     reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
     ids, mask = batch()
     with torch.no_grad():
@@ -340,3 +342,6 @@ def test_config_reads_act_keys_without_feed_forward_proj(tmp_path):
     path.write_text(json.dumps({**base, "is_gated_act": False, "dense_act_fn": "relu"}))
     config = t5.T5Config.from_json(str(path))
     assert config.feed_forward_proj == "relu" and config.scale_decoder_outputs and config.tie_word_embeddings
+    path.write_text(json.dumps({**base, "feed_forward_proj": "relu", "is_gated_act": True, "dense_act_fn": "gelu_new"}))
+    with pytest.raises(t5.InputError, match="contradicts"):
+        t5.T5Config.from_json(str(path))
