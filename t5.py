@@ -449,12 +449,10 @@ def decode_loop(next_logits, batch_size, *, max_new_tokens=64, start_id=0, eos_i
     steps = 0
     for t in range(max_new_tokens):
         logits = next_logits(last).float()
+        log_p = torch.log_softmax(logits / temperature if do_sample else logits, -1)
         if do_sample:
-            logits = logits / temperature
-            log_p = torch.log_softmax(logits, -1)
             token = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(1)
         else:
-            log_p = torch.log_softmax(logits, -1)
             token = logits.argmax(-1)
         token = token.masked_fill(finished, pad_id)
         tokens[:, t] = token
