@@ -256,9 +256,9 @@ class T5Attention(nn.Module):
 
     def forward(self, x, key, value, bias):
         """x [B,T,D] attends to key/value [B,H,S,dk]; bias = position bias + masks, broadcast to [B,H,T,S]."""
-        out = F.scaled_dot_product_attention(self.heads(self.q(x)), key, value, attn_mask=bias,
-                                             dropout_p=self.dropout if self.training else 0.0,
-                                             scale=1.0)  # T5: no 1/sqrt(d_kv)
+        scores = self.heads(self.q(x)) @ key.transpose(2, 3) + bias  # T5: no 1/sqrt(d_kv)
+        weights = torch.softmax(scores.float(), -1).to(scores.dtype)
+        out = F.dropout(weights, self.dropout, self.training) @ value
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -582,6 +582,7 @@ def save_t5(model, tokenizer_or_spiece_path, directory):
     else:
         with open(tokenizer_or_spiece_path, "rb") as f:
             spiece = f.read()
-    save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    base = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}  # adapters: lora.save_adapter
+    save_safetensors(base, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     atomic_write(os.path.join(directory, "spiece.model"), spiece)
     write_json(os.path.join(directory, "config.json"), model.config.to_dict())
