@@ -199,7 +199,7 @@ def t5_dir(request, tmp_path_factory):
 def hf_t5(directory):
     from transformers import T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration.from_pretrained(directory).eval()
+    return T5ForConditionalGeneration.from_pretrained(directory).double().eval()  # fp64: compare maths, not rounding
 
 
 IDS = torch.tensor([[5, 9, 17, 1, 0], [44, 3, 8, 150, 1]])
@@ -216,6 +216,7 @@ def test_t5_adapter_matches_peft_both_ways(t5_dir, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     ours, _ = t5.load_t5(str(t5_dir))
+    ours.double()
     with torch.no_grad():
         base = ours(IDS, MASK, DEC)
     torch.testing.assert_close(base, hf_logits(hf_t5(t5_dir)), rtol=1e-5, atol=1e-5)
