@@ -15,10 +15,10 @@ The embedding row of </s> is zeroed so that no run stops early: every side decod
 import argparse
 import copy
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -39,28 +39,37 @@ def hf_config():
                     dropout_rate=0.0, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
 
 
-def build(seed, device):
-    """(HF model, our model with 3 random non-zero adapters, prompts) sharing one set of weights."""
-    from transformers import T5ForConditionalGeneration as HFT5
+def our_model(seed):
+    """A t5-small-shaped T5 with three random, non-zero adapters (and </s> zeroed out, see above)."""
     torch.manual_seed(seed)
-    hf = HFT5(hf_config()).eval()
-    with torch.no_grad():
-        hf.shared.weight[1].zero_()                              # </s> never wins the argmax: 64 tokens everywhere
     config = t5.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
                          num_heads=8, dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True)
     ours = t5.T5ForConditionalGeneration(config)
-    ours.load_state_dict({k: v for k, v in hf.state_dict().items() if k in ours.state_dict()}, strict=True)
+    with torch.no_grad():
+        ours.shared.weight[1].zero_()                            # </s> never wins the argmax: 64 tokens everywhere
     for name in NAMES:
         lora.add_adapter(ours, name)
         with torch.no_grad():
             for parameter in lora.adapter_parameters(ours, name):
                 parameter.normal_(0, 0.02)
-    ours.eval()
+    return ours.eval()
+
+
+def prompts(seed, device):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 32000, (16, 40), generator=generator)
     ids[:, -1] = 1
-    mask = torch.ones_like(ids)
-    return hf.to(device), ours.to(device), ids.to(device), mask.to(device)
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+def build(seed, device):
+    """(HF model, our model with 3 adapters, prompts) sharing one set of base weights."""
+    from transformers import T5ForConditionalGeneration as HFT5
+    ours = our_model(seed)
+    hf = HFT5(hf_config()).eval()
+    hf.load_state_dict({k: v for k, v in ours.state_dict().items() if ".lora_" not in k}, strict=False)
+    hf.lm_head.weight = hf.shared.weight
+    return hf.to(device), ours.to(device), *prompts(seed, device)
 
 
 def public_way(models, weights, ids, mask, steps=64):
@@ -98,10 +107,11 @@ def timed(fn, reps):
 
 
 def peak_memory(mode, device, seed):
-    """Peak memory (bytes) of one decode: CUDA allocator peak, or the peak RSS of a fresh process."""
+    """Peak memory (bytes) of one decode with our model alone: the CUDA allocator's peak, or on CPU
+    the peak RSS of a fresh process that builds the model and decodes once."""
     if device.startswith("cuda"):
-        hf, ours, ids, mask = build(seed, device)
-        del hf
+        ours = our_model(seed).to(device)
+        ids, mask = prompts(seed, device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
@@ -110,6 +120,29 @@ def peak_memory(mode, device, seed):
     out = subprocess.run([sys.executable, __file__, "--_memory", mode, "--seed", str(seed)], capture_output=True,
                          text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_while(fn):
+    """Peak resident set while fn() runs (sampled every millisecond by a thread; torch releases the GIL)."""
+    peak, done = [resident_bytes()], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes())
+            time.sleep(0.001)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], resident_bytes())
 
 
 def run_mode(mode, ours, ids, mask):
@@ -128,11 +161,10 @@ def main():
     parser.add_argument("--_memory", choices=["ensemble", "single"], help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli._memory:                                               # child process of (c)
-        hf, ours, ids, mask = build(cli.seed, "cpu")
-        del hf
+        ours = our_model(cli.seed)
+        ids, mask = prompts(cli.seed, "cpu")
         with torch.no_grad():
-            run_mode(cli._memory, ours, ids, mask)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            print(peak_while(lambda: run_mode(cli._memory, ours, ids, mask)))
         return
 
     hf, ours, ids, mask = build(cli.seed, cli.device)
