@@ -19,6 +19,7 @@ Deviations from the paper / public code:
 - The validation reward used by the convergence rule is the mean of the scores the run trains on
   (one score for a single objective, the 1/3-weighted mean for uniform / dynaopt), because the
   "logsum" combination is negative and has no meaningful coefficient of variation.
+- T5's own dropout is off during RL (as in TRL's PPO); the LoRA dropout (0.05) stays on.
 - Batches are drawn from a seeded reshuffle of the training split each epoch (public code: file order).
 """
 from __future__ import annotations
@@ -150,6 +151,15 @@ def validate(model, tokenizer, scorers, prompts, batch_size, device) -> dict[str
     return {name: total / len(prompts) for name, total in totals.items()}
 
 
+def adapter_dropout_only(model):
+    """Training mode for the LoRA layers only: their dropout (0.05) acts, T5's own dropout does not, so
+    the KL term compares two policies rather than two dropout masks (it is exactly 0 at step 0)."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, lora.LoRALinear):
+            module.train()
+
+
 def scst_step(model, tokenizer, scorers, optimizer, prompts, weights, args, generator) -> dict:
     """One SCST update on a batch of prompts; returns the step's statistics."""
     device, k, names = args.device, args.samples_per_prompt, trained_objectives(args.objective)
@@ -162,7 +172,7 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights, args, gene
     reward = combine_rewards(scores, weights, args.combine).to(device)
     advantages = scst_advantages(reward.view(len(prompts), k)).view(-1)
     decoder_input_ids = shift_right(tokens, model.config.decoder_start_token_id)
-    model.train()
+    adapter_dropout_only(model)
     policy_logits = model(input_ids, attention_mask, decoder_input_ids)
     with torch.no_grad(), lora.adapters_disabled(model):
         reference_logits = model(input_ids, attention_mask, decoder_input_ids)

@@ -241,3 +241,17 @@ def test_nan_reward_and_empty_split_are_input_errors(tiny, tmp_path):
         scst.train(copy.deepcopy(model), tokenizer, nan_scorers, examples(4), ["a"], make_args(), str(tmp_path / "nan"))
     with pytest.raises(t5.InputError, match="training split is empty"):
         scst.train(copy.deepcopy(model), tokenizer, SCORERS, [], ["a"], make_args(), str(tmp_path / "empty"))
+
+
+def test_kl_of_the_first_step_is_zero_even_with_t5_dropout(tiny):
+    model, tokenizer = tiny
+    noisy = copy.deepcopy(model)
+    for module in noisy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.3                                   # T5's dropout must not leak into the KL term
+    noisy = adapted_copy(noisy)
+    args = make_args()
+    optimizer = torch.optim.AdamW(lora.adapter_parameters(noisy, "reflection"), lr=args.lr)
+    stats = scst.scst_step(noisy, tokenizer, SCORERS, optimizer, [e.prompt for e in examples(4)], [1.0], args,
+                           torch.Generator().manual_seed(0))
+    assert abs(stats["kl"]) < 1e-5

@@ -1,0 +1,154 @@
+"""data/build_default.py: a reduced build is deterministic (same seed -> same files and metrics) and its
+folders load through the project's loaders; the committed data/default/ assets behave: the policy's
+greedy output ends with </s>, every scorer ranks held-out high-quality responses above poor ones."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import rewards
+import t5
+from data import build_default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIR = os.path.join(ROOT, data.DEFAULT_DATA)
+EMPATHY = os.path.join(ROOT, data.DEFAULT_EMPATHY)
+ASSETS = os.path.join(ROOT, "data", "default")
+FOLDERS = ("policy",) + rewards.OBJECTIVES
+
+needs_data = pytest.mark.skipif(not (os.path.isfile(PAIR) and os.path.isfile(EMPATHY)),
+                                reason="data/pair_sample.csv or data/pair_empathy.csv not merged yet")
+needs_assets = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "metrics.json")),
+                                  reason="data/default/ not built (python emorl.py build-default)")
+
+
+def file_bytes(directory):
+    return {os.path.relpath(os.path.join(folder, name), directory): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(directory) for name in names if name != "metrics.json"}
+
+
+def without_seconds(metrics):
+    return {k: v for k, v in metrics.items() if k != "seconds"}
+
+
+def heldout_examples(count):
+    splits = data.split_dataset(data.load_pair(PAIR), build_default.SPLIT_SEED)
+    return (splits["aggregation"] + splits["inference"])[:count]
+
+
+@pytest.fixture(scope="module")
+def reduced_builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    outs = {name: str(root / name) for name in ("first", "again", "other_seed")}
+    metrics = {name: build_default.build(out, seed=1 if name == "other_seed" else 0, scale=0.01)
+               for name, out in outs.items()}
+    return outs, metrics
+
+
+@needs_data
+def test_reduced_build_is_deterministic(reduced_builds):
+    outs, metrics = reduced_builds
+    first, again = (json.load(open(os.path.join(outs[n], "metrics.json"))) for n in ("first", "again"))
+    assert without_seconds(first) == without_seconds(again) == without_seconds(metrics["first"])
+    assert set(first["seconds"]) == {"policy", "reflection", "empathy", "fluency", "evaluate", "total"}
+    files = file_bytes(outs["first"])
+    assert {path.split(os.sep)[0] for path in files} == set(FOLDERS)
+    assert files == file_bytes(outs["again"])
+    other = file_bytes(outs["other_seed"])   # the seed is really used
+    assert other["policy/model.safetensors"] != files["policy/model.safetensors"]
+    assert other["fluency/model.safetensors"] != files["fluency/model.safetensors"]
+    assert first["bytes"]["total"] == sum(len(b) for b in files.values())
+
+
+@needs_data
+def test_reduced_build_loads_through_the_project_loaders(reduced_builds):
+    out = reduced_builds[0]["first"]
+    model, tokenizer = t5.load_t5(os.path.join(out, "policy"))
+    assert model.config.feed_forward_proj == "relu" and model.config.tie_word_embeddings
+    assert tokenizer.sp.piece_to_id("[SEP]") != tokenizer.unk_id          # user-defined piece
+    assert "[SEP]" in tokenizer.sp.encode(data.policy_input("I feel tired."), out_type=str)
+    scorers = rewards.load_scorers({name: os.path.join(out, name) for name in rewards.OBJECTIVES})
+    prompts, responses = ["I can't sleep at night."] * 2, ["You are worried.", "Drink less coffee."]
+    for name, scorer in scorers.items():
+        scores = scorer(prompts, responses)
+        assert scores.shape == (2,) and bool(((scores >= 0) & (scores <= 1)).all()), name
+    for name in FOLDERS:   # Hugging Face layout
+        config = json.load(open(os.path.join(out, name, "config.json")))
+        assert config["model_type"] == {"policy": "t5", "reflection": "roberta", "empathy": "bert", "fluency": "gpt2"}[name]
+        assert config["architectures"]
+
+
+def test_auc_is_the_probability_high_beats_low():
+    assert build_default.auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert build_default.auc([0.1], [0.9]) == 0.0
+    assert build_default.auc([0.5, 0.9], [0.5, 0.1]) == pytest.approx((0.5 + 1 + 1 + 1) / 4)
+
+
+@needs_assets
+@needs_data
+def test_committed_policy_ends_its_greedy_output_with_eos():
+    """The warm-started policy writes a few words and stops (metrics.json: ends_with_eos is 0.975 on the
+    40 held-out prompts; a tiny model trained on 160 prompts may loop to the 64-token limit on a few)."""
+    model, tokenizer = t5.load_t5(os.path.join(ASSETS, "policy"))
+    prompts = [e.prompt for e in heldout_examples(8)]
+    ids, mask = tokenizer.batch_encode([data.policy_input(p) for p in prompts], max_length=128)
+    tokens, _ = t5.generate(model, ids, mask, max_new_tokens=64)
+    ended = [tokenizer.eos_id in row and row.index(tokenizer.eos_id) >= 3 for row in tokens.tolist()]
+    assert all(ended), ended                                        # a few tokens, then </s>
+    assert all(len(text.split()) >= 3 for text in tokenizer.batch_decode(tokens))
+    metrics = json.load(open(os.path.join(ASSETS, "metrics.json")))["policy"]
+    assert metrics["ends_with_eos"] >= 0.9 and 5 <= metrics["mean_length_tokens"] < 48
+
+
+@needs_assets
+@needs_data
+def test_committed_scorers_rank_high_quality_above_poor():
+    examples = heldout_examples(12)
+    scorers = rewards.load_scorers({name: os.path.join(ASSETS, name) for name in rewards.OBJECTIVES})
+    for name, scorer in scorers.items():
+        mean = lambda columns: scorer([e.prompt for e in examples for _ in columns],  # noqa: E731
+                                      [e.responses[c] for e in examples for c in columns]).mean().item()
+        assert mean(build_default.HQ) > mean(build_default.LQ), name
+    metrics = json.load(open(os.path.join(ASSETS, "metrics.json")))
+    for name in rewards.OBJECTIVES:
+        assert metrics[name]["hq_mean"] > metrics[name]["lq_mean"] and metrics[name]["auc_hq_vs_lq"] > 0.5, name
+    assert metrics["fluency"]["hq_mean"] > 0.1                  # (50 - ppl) / 50 is not 0 everywhere
+    assert metrics["policy"]["greedy_scores"]["reflection"] < 0.99   # RL has headroom
+    assert metrics["bytes"]["total"] <= 25_000_000
+
+
+@needs_assets
+def test_committed_folders_load_in_hugging_face_with_the_same_outputs():
+    """Oracle: transformers reads each folder (config.json, weights, tokenizer) and computes what ours does."""
+    transformers = pytest.importorskip("transformers")
+    prompts, responses = ["I can't sleep at night, my head keeps spinning."] * 2, ["You are worried about work.", "Drink less coffee."]
+    empathy = rewards.EmpathyScorer.from_dir(os.path.join(ASSETS, "empathy"))
+    hf_tokenizer = transformers.BertTokenizer.from_pretrained(os.path.join(ASSETS, "empathy"))
+    hf_model = transformers.BertForSequenceClassification.from_pretrained(os.path.join(ASSETS, "empathy")).eval()
+    with torch.no_grad():
+        logits = hf_model(**hf_tokenizer(prompts, responses, return_tensors="pt", padding=True)).logits[:, 0]
+    torch.testing.assert_close(logits.clamp(0, 1), empathy(prompts, responses), atol=1e-5, rtol=1e-5)
+
+    fluency = rewards.FluencyScorer.from_dir(os.path.join(ASSETS, "fluency"))
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(ASSETS, "fluency")).eval()
+    ids = torch.tensor([fluency.tokenizer.encode(prompts[0]) + fluency.tokenizer.encode(responses[0])])
+    with torch.no_grad():
+        perplexity = hf_model(ids, labels=ids).loss.exp()
+    torch.testing.assert_close(perplexity[None], fluency.perplexity(prompts[:1], responses[:1]), atol=1e-3, rtol=1e-4)
+
+    reflection = rewards.ReflectionScorer.from_dir(os.path.join(ASSETS, "reflection"))
+    hf_model = transformers.RobertaModel.from_pretrained(os.path.join(ASSETS, "reflection"), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        cls = hf_model(**reflection.tokenizer.batch_encode_roberta(prompts, responses)).last_hidden_state[:, 0]
+        scores = torch.sigmoid(reflection.model.head(cls)).squeeze(-1)
+    torch.testing.assert_close(scores, reflection(prompts, responses), atol=1e-5, rtol=1e-5)
+
+    model, tokenizer = t5.load_t5(os.path.join(ASSETS, "policy"))
+    hf_model = transformers.T5ForConditionalGeneration.from_pretrained(os.path.join(ASSETS, "policy")).eval()
+    ids, mask = tokenizer.batch_encode([data.policy_input(p) for p in prompts[:1]])
+    decoder_input = torch.tensor([[0, 5, 6, 7]])
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input).logits
+        torch.testing.assert_close(model(ids, mask, decoder_input), expected, atol=1e-4, rtol=1e-4)
