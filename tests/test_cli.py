@@ -72,3 +72,57 @@ def test_corrupt_policy_weights(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     result = run("generate", "hello", "--weights", "1,1,1", "--policy", str(policy), "--adapters", "a", "b", "c")
     assert_one_line_error(result, "model.safetensors")
+
+
+DEFAULT_POLICY = os.path.join(ROOT, "data", "default", "policy")
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    import lora
+    import t5
+    folder = tmp_path_factory.mktemp("adapter")
+    model, _ = t5.load_t5(DEFAULT_POLICY)
+    lora.add_adapter(model, "a")
+    lora.save_adapter(model, "a", str(folder / "good"))
+    return folder / "good"
+
+
+def copy_adapter(source, target):
+    import shutil
+    shutil.copytree(source, target)
+    return target
+
+
+def test_generate_with_valid_adapters_prints_a_reflection(saved_adapter):
+    good = str(saved_adapter)
+    result = run("generate", "I can't sleep before exams.", "--weights", "0.8,0.5,0.05", "--adapters", good, good, good)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_corrupt_adapter_file(saved_adapter, tmp_path):
+    bad = copy_adapter(saved_adapter, tmp_path / "bad")
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00not a safetensors file")
+    good = str(saved_adapter)
+    result = run("generate", "hi", "--weights", "1,1,1", "--adapters", good, str(bad), good)
+    assert_one_line_error(result, "adapter_model.safetensors")
+
+
+def test_adapter_with_another_rank(saved_adapter, tmp_path):
+    import json
+    bad = copy_adapter(saved_adapter, tmp_path / "rank")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["r"] = 4
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    good = str(saved_adapter)
+    assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", str(bad), good, good), "shape")
+
+
+def test_adapter_of_another_base_model(tmp_path):
+    import lora
+    import t5
+    other = t5.T5ForConditionalGeneration(t5.T5Config.from_json(os.path.join(DEFAULT_POLICY, "config.json")))
+    lora.add_adapter(other, "a")
+    lora.save_adapter(other, "a", str(tmp_path / "other"))
+    folder = str(tmp_path / "other")
+    assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", folder, folder, folder), "another base")
