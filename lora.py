@@ -72,7 +72,8 @@ class LoRALinear(nn.Linear):
         if isinstance(self.mode, dict):  # Eq. (4), unmerged: W x + Σ_i w_i (alpha/r) B_i A_i drop_i(x)
             for name, w in self.mode.items():
                 if name in self.lora_A:
-                    h = F.dropout(x, self.dropout_p[name], self.training) @ self.lora_A[name].T
+                    p = self.dropout_p[name]
+                    h = (F.dropout(x, p, True) if self.training and p > 0 else x) @ self.lora_A[name].T
                     out = out + (w * self.scaling(name)) * (h @ self.lora_B[name].T)
             return out
         names, rows = self.mode

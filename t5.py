@@ -225,6 +225,13 @@ def padding_bias(mask, dtype):
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that costs nothing in eval mode: decoding calls it thousands of times per reply."""
+
+    def forward(self, x):
+        return F.dropout(x, self.p, True) if self.training and self.p > 0 else x
+
+
 class T5Attention(nn.Module):
     def __init__(self, config: T5Config, has_relative_attention_bias=False, bidirectional=True):
         super().__init__()
@@ -258,7 +265,9 @@ class T5Attention(nn.Module):
         """x [B,T,D] attends to key/value [B,H,S,dk]; bias = position bias + masks, broadcast to [B,H,T,S]."""
         scores = self.heads(self.q(x)) @ key.transpose(2, 3) + bias  # T5: no 1/sqrt(d_kv)
         weights = torch.softmax(scores.float(), -1).to(scores.dtype)
-        out = F.dropout(weights, self.dropout, self.training) @ value
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout, True)
+        out = weights @ value
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -274,7 +283,7 @@ class T5DenseActDense(nn.Module):
         else:
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x):
         if self.gated:
@@ -291,7 +300,7 @@ class T5LayerSelfAttention(nn.Module):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_relative_attention_bias, bidirectional)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x, bias, past=None):
         h = self.layer_norm(x)
@@ -308,7 +317,7 @@ class T5LayerCrossAttention(nn.Module):
         super().__init__()
         self.EncDecAttention = T5Attention(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x, key_value, bias):
         return x + self.dropout(self.EncDecAttention(self.layer_norm(x), *key_value, bias))
@@ -319,7 +328,7 @@ class T5LayerFF(nn.Module):
         super().__init__()
         self.DenseReluDense = T5DenseActDense(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x):
         return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
@@ -342,7 +351,7 @@ class T5Stack(nn.Module):
         n = config.num_decoder_layers if is_decoder else config.num_layers
         self.block = nn.ModuleList(T5Block(config, is_decoder, first=(i == 0)) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
 
 class KVCache:
@@ -450,8 +459,9 @@ def decode_loop(next_logits, batch_size, *, max_new_tokens=64, start_id=0, eos_i
     for t in range(max_new_tokens):
         logits = next_logits(last).float()
         log_p = torch.log_softmax(logits / temperature if do_sample else logits, -1)
-        if do_sample:
-            token = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(1)
+        if do_sample:  # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p, cheaper than multinomial
+            uniform = torch.rand(log_p.shape, generator=generator, device=log_p.device)
+            token = (log_p - torch.log(-torch.log(uniform))).argmax(-1)
         else:
             token = logits.argmax(-1)
         token = token.masked_fill(finished, pad_id)
