@@ -363,3 +363,15 @@ def test_config_reads_act_keys_without_feed_forward_proj(tmp_path):
     path.write_text(json.dumps({**base, "feed_forward_proj": "relu", "is_gated_act": True, "dense_act_fn": "gelu_new"}))
     with pytest.raises(t5.InputError, match="contradicts"):
         t5.T5Config.from_json(str(path))
+
+
+def test_atomic_write_gives_a_whole_file_with_the_usual_mode(tmp_path):
+    import os
+    path = tmp_path / "out.json"
+    t5.write_json(str(path), {"a": 1})
+    t5.write_json(str(path), {"b": 2})                       # replaces, never appends or leaves a temp file
+    assert path.read_text() == '{\n  "b": 2\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
