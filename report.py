@@ -113,8 +113,8 @@ def search_svg(iterations, names, size=150, gap=46) -> str:
     d = len(iterations[0]["bounds"])
     means = [m for it in iterations for m in it["means"] if m is not None]
     low, high = (min(means), max(means)) if means else (0.0, 1.0)
-    columns = 3 ** (d - 2)
-    width = gap + columns * (size + gap) + 90
+    columns, margin = 3 ** (d - 2), gap + 28  # margin: the iteration label and the y tick labels
+    width = margin + columns * (size + gap) + 90
     height = 30 + len(iterations) * (size + gap + 12)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
            f'<text x="{gap}" y="16" font-size="12">Hierarchical grid search (Algorithm 1): '
@@ -127,7 +127,7 @@ def search_svg(iterations, names, size=150, gap=46) -> str:
                    f'iteration {it["iteration"]}</text>')
         rest_axes = [(lo, (lo + hi) / 2, hi) for lo, hi in bounds[2:]]
         for col, rest in enumerate(itertools.product(*rest_axes)):
-            left = gap + col * (size + gap)
+            left = margin + col * (size + gap)
             out.append(_subpanel(it, rest, left, top, size, low, high, names))
         out.append("</g>")
     out.append(_colourbar(width - 70, 30, low, high, max(means) if means else None))
