@@ -126,3 +126,14 @@ def test_adapter_of_another_base_model(tmp_path):
     lora.save_adapter(other, "a", str(tmp_path / "other"))
     folder = str(tmp_path / "other")
     assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", folder, folder, folder), "another base")
+
+
+def test_missing_scorer_weights(tmp_path):
+    result = run("train", "reflection", "--empathy", str(tmp_path / "no-empathy"), "--runs", str(tmp_path / "runs"))
+    assert_one_line_error(result, "no-empathy")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_split_too_small_to_train_on(tmp_path):
+    result = run("train", "reflection", "--sample", "0.001", "--runs", str(tmp_path / "runs"))
+    assert_one_line_error(result, "split is empty")
