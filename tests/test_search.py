@@ -20,15 +20,6 @@ NAMES = ["reflection", "empathy", "fluency"]
 
 
 # ----------------------------------------------------------------------------- tiny model with adapters
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: thread hand-offs cost 50x the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["v1.0-tied-relu", "v1.1-untied-gated"])
 def tiny(request):
     """float64 (so bmm vs matmul round-off can never flip an argmax) random T5 with 3 adapters whose B

@@ -17,15 +17,6 @@ TINY = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_dec
             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on busy shared cores OpenMP spinning makes this file ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sentences(n, seed=0):
     rng = random.Random(seed)
     syllables = "ka lo mi ne ru ta shi po fe gu an er in ou th st".split()
