@@ -71,11 +71,8 @@ def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, 
 
 def metrics(scorers: dict, prompts: list[str], responses: list[str]) -> dict[str, float]:
     """Table 2's mean scores and Table 1's diversity-2 and edit rate for one set of generations."""
-    row = {}
-    for name in SINGLE:
-        values = scorers[name](prompts, responses).float()
-        rewards.check_finite(values, f"{name} scorer")
-        row[name] = values.mean().item()
+    scores = rewards.score_all({name: scorers[name] for name in SINGLE}, prompts, responses)  # NaN-checked
+    row = {name: scores[name].float().mean().item() for name in SINGLE}
     row["average"] = sum(row[n] for n in SINGLE) / len(SINGLE)
     row["diversity-2"] = rewards.diversity_2(responses)
     row["edit rate"] = statistics.fmean(rewards.edit_rate(p, r) for p, r in zip(prompts, responses))
