@@ -14,7 +14,6 @@ A user error (bad file, key, shape, value) prints one line `error: ...` and exit
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
@@ -61,10 +60,12 @@ def load_splits(args) -> dict:
 
 def newest_adapters(runs_dir: str, names=SCORER_NAMES) -> list[str]:
     """The newest finished run per objective under runs/ (by summary.json time)."""
+    from evaluate import find_runs
     from t5 import InputError
+    runs = find_runs(runs_dir).values()
     found = []
     for name in names:
-        summaries = glob.glob(os.path.join(runs_dir, f"{name}-*", "summary.json"))
+        summaries = [os.path.join(folders[name], "summary.json") for folders in runs if name in folders]
         if not summaries:
             raise InputError(f"no finished '{name}' run under {runs_dir}/: run `python emorl.py train {name}` first, or pass --adapters")
         found.append(os.path.join(os.path.dirname(max(summaries, key=os.path.getmtime)), "adapter"))
@@ -134,7 +135,7 @@ def cmd_generate(args):
     adapters = adapter_dirs(args)
     model, tokenizer = load_policy(args)
     load_adapters(model, adapters)
-    ids, mask = tokenizer.batch_encode([data.policy_input(t) for t in args.text], max_length=128, device=args.device)
+    ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
     model.eval()
     tokens = search.ensemble_generate(model, list(SCORER_NAMES), weights, ids, mask, level=args.level,
                                       max_new_tokens=args.max_new_tokens)

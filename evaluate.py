@@ -58,8 +58,7 @@ def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, 
     model.eval()
     texts = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = tokenizer.batch_encode([data.policy_input(p) for p in prompts[start:start + batch_size]],
-                                           max_length=128, device=device)
+        ids, mask = data.encode_prompts(tokenizer, prompts[start:start + batch_size], device)
         if aggregate is not None:
             tokens = search.ensemble_generate(model, aggregate[0], aggregate[1], ids, mask, level=aggregate[2])
         else:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import lora
 import rewards
 import t5
-from data import policy_input
+from data import encode_prompts
 from t5 import InputError
 
 SINGLE_OBJECTIVES = rewards.OBJECTIVES                    # ("reflection", "empathy", "fluency")
@@ -121,11 +121,6 @@ def shift_right(tokens: torch.Tensor, start_id: int) -> torch.Tensor:
     """Teacher-forcing decoder input: [start, y_1, ..., y_{T-1}]."""
     start = torch.full_like(tokens[:, :1], start_id)
     return torch.cat([start, tokens[:, :-1]], dim=1)
-
-
-def encode_prompts(tokenizer, prompts, device, repeat: int = 1):
-    input_ids, attention_mask = tokenizer.batch_encode([policy_input(p) for p in prompts], max_length=128, device=device)
-    return input_ids.repeat_interleave(repeat, 0), attention_mask.repeat_interleave(repeat, 0)
 
 
 def score(scorers: dict, names, prompts, responses) -> torch.Tensor:

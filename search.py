@@ -203,7 +203,7 @@ def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hid
         raise InputError("grid search: the aggregation split has no prompts")
     model.eval()
     chunks = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    encoded = [tokenizer.batch_encode([data.policy_input(p) for p in c], max_length=128, device=device) for c in chunks]
+    encoded = [data.encode_prompts(tokenizer, c, device) for c in chunks]
 
     def objective(weights):
         totals = [0.0] * len(scorers)
