@@ -448,12 +448,23 @@ class T5ForConditionalGeneration(nn.Module):
 
 
 # ----------------------------------------------------------------------------- generation
+def top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep each row's top_k scores (ties with the k-th kept, as HF's TopKLogitsWarper), the rest -inf.
+    top_k = 0 (or >= vocabulary) keeps the full distribution."""
+    if not top_k or top_k >= scores.shape[-1]:
+        return scores
+    kth = scores.topk(top_k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
 def decode_loop(next_logits, batch_size, *, max_new_tokens=64, start_id=0, eos_id=1, pad_id=0,
-                do_sample=False, temperature=1.0, generator=None, device="cpu"):
+                do_sample=False, temperature=1.0, top_k=0, generator=None, device="cpu"):
     """Autoregressive loop, model-agnostic: `next_logits(last_tokens [B]) -> logits [B,V]` keeps its
-    own state (KV caches) in a closure. Greedy (argmax) or sampling from softmax(logits/temperature).
+    own state (KV caches) in a closure. Greedy (argmax) or sampling from softmax(logits/temperature)
+    restricted to the top_k tokens (0 = all; HF generate's default, used by the public code, is 50).
     Returns (tokens [B,T], logprobs [B,T]): tokens exclude the start token and include eos; after a
-    row's eos its tokens are pad_id with logprob 0; T < max_new_tokens when every row finished."""
+    row's eos its tokens are pad_id with logprob 0; T < max_new_tokens when every row finished.
+    The logprobs are those of the full softmax(logits/temperature), not of the truncated sampler."""
     tokens = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch_size, max_new_tokens, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -464,7 +475,7 @@ def decode_loop(next_logits, batch_size, *, max_new_tokens=64, start_id=0, eos_i
         log_p = torch.log_softmax(logits / temperature if do_sample else logits, -1)
         if do_sample:  # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p, cheaper than multinomial
             uniform = torch.rand(log_p.shape, generator=generator, device=log_p.device)
-            token = (log_p - torch.log(-torch.log(uniform))).argmax(-1)
+            token = (top_k_filter(log_p, top_k) - torch.log(-torch.log(uniform))).argmax(-1)
         else:
             token = logits.argmax(-1)
         token = token.masked_fill(finished, pad_id)
@@ -479,7 +490,7 @@ def decode_loop(next_logits, batch_size, *, max_new_tokens=64, start_id=0, eos_i
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, *, max_new_tokens=64, do_sample=False, temperature=1.0,
-             generator=None):
+             top_k=0, generator=None):
     """Encode once, then decode one token per step with the KV cache. -> (tokens, logprobs)."""
     encoder_hidden = model.encode(input_ids, attention_mask)
     cache = None
@@ -492,7 +503,8 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens=64, do_sample=F
     c = model.config
     return decode_loop(next_logits, input_ids.shape[0], max_new_tokens=max_new_tokens,
                        start_id=c.decoder_start_token_id, eos_id=c.eos_token_id, pad_id=c.pad_token_id,
-                       do_sample=do_sample, temperature=temperature, generator=generator, device=input_ids.device)
+                       do_sample=do_sample, temperature=temperature, top_k=top_k, generator=generator,
+                       device=input_ids.device)
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -366,3 +366,41 @@ def test_atomic_write_gives_a_whole_file_with_the_usual_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_top_k_sampler_matches_direct_reference():
+    """Top-k sampling (HF generate's default k = 50 in the public code): never a token outside the
+    top k, and frequencies equal the renormalised top-k distribution."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    k, n = 3, 40_000
+    calls = {"n": 0}
+
+    def next_logits(last):
+        calls["n"] += 1
+        return logits.expand(len(last), -1)
+
+    generator = torch.Generator().manual_seed(1)
+    tokens, logprobs = t5.decode_loop(next_logits, n, max_new_tokens=1, do_sample=True, top_k=k,
+                                      generator=generator, eos_id=-1)
+    counts = torch.bincount(tokens[:, 0], minlength=6).double() / n
+    allowed = logits[0].topk(k).indices
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[allowed] = torch.softmax(logits[0, allowed].double(), -1)
+    assert set(tokens[:, 0].unique().tolist()) <= set(allowed.tolist())
+    assert torch.allclose(counts, expected, atol=0.01)
+    # the returned log-probs are the full softmax's, not the truncated sampler's
+    full = torch.log_softmax(logits[0], -1)
+    assert torch.allclose(logprobs[:, 0], full[tokens[:, 0]])
+    # top_k = 0 keeps the whole distribution
+    tokens, _ = t5.decode_loop(next_logits, n, max_new_tokens=1, do_sample=True, top_k=0,
+                               generator=torch.Generator().manual_seed(1), eos_id=-1)
+    counts = torch.bincount(tokens[:, 0], minlength=6).double() / n
+    assert torch.allclose(counts, torch.softmax(logits[0].double(), -1), atol=0.01)
+
+
+def test_top_k_filter_keeps_ties():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    assert t5.top_k_filter(scores, 2).isfinite().tolist() == [[False, True, True, False]]
+    assert t5.top_k_filter(scores, 1).isfinite().tolist() == [[False, True, True, False]]
+    assert t5.top_k_filter(scores, 0).isfinite().all()
