@@ -23,20 +23,116 @@ DEFAULT_DATA = os.path.join(HERE, "data", "pair_sample.csv")
 SCORER_NAMES = ("reflection", "empathy", "fluency")
 
 
+# ----------------------------------------------------------------------------- flags, checked at parse time
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default beside its help text, and descriptions as written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse held to the project's error contract: one line `error: ...`, exit status 2, and a pointer
+    to --help. add_subparsers builds the sub-commands with this class too."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # "--weights -1,0.5,0.5": argparse takes a value that starts with "-" for a flag and never shows the
+        # weight check's message; glue such a value to its flag ("--weights=-1,0.5,0.5") so it is parsed.
+        args, glued = list(sys.argv[1:] if args is None else args), []
+        while args:
+            arg = args.pop(0)
+            if arg == "--weights" and args and args[0][:1] == "-" and args[0][:2] != "--" and args[0] != "-h":
+                arg = f"--weights={args.pop(0)}"
+            glued.append(arg)
+        return super().parse_known_args(glued, namespace)
+
+
+def integer(low, high=None):
+    """argparse type: an integer in [low, high] (high None: no upper bound)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            kind = f"an integer from {low} to {high}" if high is not None else "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text}")
+        return value
+    return parse
+
+
+def number(low, high=None, low_open=False):
+    """argparse type: a finite float, > low (low_open) or >= low, and <= high when high is given."""
+    def parse(text):
+        import math
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = ("> " if low_open else ">= ") + f"{low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+    return parse
+
+
+def device(text):
+    """argparse type: a torch device that exists on this machine (cpu, cuda, cuda:N, mps, ...)."""
+    if text == "cpu":
+        return text  # no torch import for the default
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "meta":
+        raise argparse.ArgumentTypeError("meta: holds no data, cannot run a model")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, NotImplementedError) as e:
+            raise argparse.ArgumentTypeError(f"{text}: not available on this machine ({' '.join(str(e).split())[:120]})") from None
+    return text
+
+
+positive = integer(1)
+seed = integer(0, 2**63 - 1)
+fraction = number(0.0, 1.0, low_open=True)
+
+
+def prepare_output(folder, what, names=None):
+    """Before any work: the output folder must be writable (one-line error otherwise), and temporary files
+    a killed run left there are deleted (only those of `names` in a shared folder)."""
+    import t5
+    t5.check_writable(folder, what)
+    removed = t5.remove_stale_temporaries(folder, names)
+    if removed:
+        print(f"{folder}: removed {len(removed)} temporary file(s) a killed run left behind")
+
+
 # ----------------------------------------------------------------------------- shared loading
 def add_model_flags(parser, scorers=True):
     parser.add_argument("--policy", default=os.path.join(DEFAULT_ASSETS, "policy"), help="T5 directory (HF layout)")
     if scorers:
         for name in SCORER_NAMES:
             parser.add_argument(f"--{name}", default=os.path.join(DEFAULT_ASSETS, name), help=f"{name} scorer directory")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    parser.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (must exist here)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same result)")
 
 
 def add_data_flags(parser):
     parser.add_argument("--data", default=DEFAULT_DATA, help="PAIR .csv or Psych8k .json file")
-    parser.add_argument("--sample", type=float, default=1.0, help="use this fraction of the data (e.g. 0.1)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
+    parser.add_argument("--sample", type=fraction, default=1.0, help="use this fraction of the data, in (0, 1] (e.g. 0.1)")
+    parser.add_argument("--split-seed", type=seed, default=0, help="seed of the 80/10/10 split")
 
 
 def load_policy(args):
@@ -77,6 +173,9 @@ def cmd_train(args):
     import scst
 
     objectives = list(SCORER_NAMES) if args.objective == "all" else [args.objective]
+    for objective in objectives:
+        prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}"), f"--runs {args.runs}")
+        prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}", "adapter"), f"--runs {args.runs}")
     splits = load_splits(args)
     scorers = load_scorers(args)
     validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
@@ -112,7 +211,12 @@ def load_adapters(model, directories):
 def cmd_search(args):
     import search
     import torch
+    from t5 import InputError
     torch.manual_seed(args.seed)
+    svg = os.path.splitext(args.out)[0] + ".svg"
+    if os.path.isdir(args.out):
+        raise InputError(f"--out {args.out}: is a folder; give the path of the .json file to write")
+    prepare_output(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}", [os.path.basename(args.out), os.path.basename(svg)])
     adapters = adapter_dirs(args)
     prompts = [e.prompt for e in load_splits(args)["aggregation"]]
     scorers = load_scorers(args)
@@ -122,7 +226,6 @@ def cmd_search(args):
                                       batch_size=args.batch_size, device=args.device)
     meta = {"adapters": adapters, "level": args.level, "data": os.path.abspath(args.data), "sample": args.sample,
             "split_seed": args.split_seed, "prompts": len(prompts)}
-    svg = os.path.splitext(args.out)[0] + ".svg"
     search.run_search(objective, SCORER_NAMES, out_path=args.out, iterations=args.iterations, svg_path=svg, meta=meta)
 
 
@@ -148,6 +251,8 @@ def cmd_evaluate(args):
     import t5
     import torch
     torch.manual_seed(args.seed)
+    outputs = [args.out + ".md", args.out + ".csv"]
+    prepare_output(os.path.dirname(os.path.abspath(outputs[0])), f"--out {args.out}", [os.path.basename(p) for p in outputs])
     search_result = t5.read_json(args.search) if os.path.exists(args.search) else None
     if search_result is None:
         print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
@@ -171,36 +276,43 @@ def cmd_convert(args):
 
 def cmd_build_default(args):
     from data import build_default
-    build_default.build(args.out, seed=args.seed, scale=args.scale)
+    from t5 import InputError
+    if args.out is None and not args.force:
+        raise InputError(f"{DEFAULT_ASSETS} holds the committed default models: pass --force to rebuild them "
+                         "there, or --out DIR to write elsewhere")
+    out = DEFAULT_ASSETS if args.out is None else args.out
+    prepare_output(out, f"--out {out}")
+    build_default.build(out, seed=args.seed, scale=args.scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emorl.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="emorl.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
-    train.add_argument("objective", choices=["reflection", "empathy", "fluency", "uniform", "dynaopt", "all"])
+    train.add_argument("objective", choices=["reflection", "empathy", "fluency", "uniform", "dynaopt", "all"],
+                       help="one objective's adapter, a baseline (uniform, dynaopt) or all three objectives")
     add_model_flags(train)
     add_data_flags(train)
-    train.add_argument("--runs", default="runs", help="output folder; each run goes to RUNS/<objective>-<seed>/")
-    train.add_argument("--max-steps", type=int, default=10_000)
-    train.add_argument("--batch-size", type=int, default=16, help="prompts per step")
-    train.add_argument("--samples-per-prompt", type=int, default=3, help="k samples per prompt (SCST)")
-    train.add_argument("--max-new-tokens", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--beta", type=float, default=0.05, help="KL coefficient")
-    train.add_argument("--grad-clip", type=float, default=2.0)
-    train.add_argument("--val-every", type=int, default=8, help="validate every N steps")
-    train.add_argument("--val-prompts", type=int, default=32, help="fixed validation prompts (aggregation split)")
-    train.add_argument("--cv-window", type=int, default=20, help="convergence: last N validation rewards")
-    train.add_argument("--cv-tolerance", type=float, default=0.015, help="convergence: coefficient of variation below this")
+    train.add_argument("--runs", default="runs", help="output folder, relative to the current directory (not to "
+                       "emorl.py, unlike the model defaults); each run goes to RUNS/<objective>-<seed>/")
+    train.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
+    train.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
+    train.add_argument("--samples-per-prompt", type=integer(2), default=3, help="k samples per prompt (SCST: their mean is the baseline, so k >= 2)")
+    train.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
+    train.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
+    train.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
+    train.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="gradient norm clipping")
+    train.add_argument("--val-every", type=positive, default=8, help="validate every N steps")
+    train.add_argument("--val-prompts", type=positive, default=32, help="fixed validation prompts (aggregation split)")
+    train.add_argument("--cv-window", type=integer(2), default=20, help="convergence: last N validation rewards")
+    train.add_argument("--cv-tolerance", type=number(0.0), default=0.015, help="convergence: coefficient of variation below this")
     train.add_argument("--combine", choices=["logsum", "mean"], default="logsum", help="multi-objective reward")
-    train.add_argument("--gamma", type=float, default=0.07, help="DynaOpt's Exp3 exploration rate")
+    train.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):
-        sub.add_argument("--runs", default="runs", help="folder of training runs")
+        sub.add_argument("--runs", default="runs", help="folder of training runs, relative to the current directory")
         sub.add_argument("--adapters", nargs="+", metavar="DIR",
                          help=f"adapter folders in the order {', '.join(SCORER_NAMES)} (default: newest runs)")
         sub.add_argument("--level", choices=["hidden", "logit", "param"], default="hidden", help="aggregation level")
@@ -209,15 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(search_cmd)
     add_data_flags(search_cmd)
     add_aggregation_flags(search_cmd)
-    search_cmd.add_argument("--iterations", type=int, default=5)
-    search_cmd.add_argument("--batch-size", type=int, default=16)
-    search_cmd.add_argument("--out", default="search.json", help="results (resumable); the figure goes beside it as .svg")
+    search_cmd.add_argument("--iterations", type=positive, default=5, help="refinement iterations of Algorithm 1")
+    search_cmd.add_argument("--batch-size", type=positive, default=16, help="prompts decoded at once")
+    search_cmd.add_argument("--out", default="search.json", help="results (resumable), relative to the current directory; "
+                            "the figure goes beside it as .svg")
     search_cmd.set_defaults(func=cmd_search)
 
     generate = commands.add_parser("generate", help="aggregated reflection for client statements (Eq. 2)")
     generate.add_argument("text", nargs="+", help="client statement(s)")
     generate.add_argument("--weights", required=True, help="comma-separated weights, e.g. 0.8,0.5,0.05")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each reflection")
     add_model_flags(generate, scorers=False)
     add_aggregation_flags(generate)
     generate.set_defaults(func=cmd_generate)
@@ -225,10 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd = commands.add_parser("evaluate", help="Tables 1 and 2 on the inference split")
     add_model_flags(evaluate_cmd)
     add_data_flags(evaluate_cmd)
-    evaluate_cmd.add_argument("--runs", default="runs", help="folder of training runs")
-    evaluate_cmd.add_argument("--search", default="search.json", help="grid search result with the weights")
-    evaluate_cmd.add_argument("--batch-size", type=int, default=16)
-    evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv")
+    evaluate_cmd.add_argument("--runs", default="runs", help="folder of training runs, relative to the current directory")
+    evaluate_cmd.add_argument("--search", default="search.json", help="grid search result with the weights, relative to the current directory")
+    evaluate_cmd.add_argument("--batch-size", type=positive, default=16, help="prompts decoded at once")
+    evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
 
     convert = commands.add_parser("convert", help="turn a PyTorch .pt/.bin scorer checkpoint into safetensors")
@@ -238,9 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     build = commands.add_parser("build-default", help="rebuild the embedded small models (data/build_default.py)")
-    build.add_argument("--out", default=DEFAULT_ASSETS)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--scale", type=float, default=1.0, help="fraction of the training budget (tests use less)")
+    build.add_argument("--out", help=f"output folder (default: {DEFAULT_ASSETS}, the committed models: needs --force)")
+    build.add_argument("--force", action="store_true", help="replace the committed models in data/default/")
+    build.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same files)")
+    build.add_argument("--scale", type=number(0.0, low_open=True), default=1.0, help="fraction of the training budget (tests use less)")
     build.set_defaults(func=cmd_build_default)
     return parser
 
