@@ -26,7 +26,9 @@ Deviations from Hugging Face / the public code:
 - HF 5.x writes `tie_word_embeddings: true` for every T5 and keeps the v1.0 / v1.1 difference in
   `scale_decoder_outputs`; the config carries both fields (`scale_decoder_outputs` defaults to
   `tie_word_embeddings`, which is what HF 4.x checkpoints mean), and a "tied" checkpoint whose
-  lm_head.weight differs from shared.weight is loaded untied, as HF 5.x does;
+  lm_head.weight differs from shared.weight is loaded untied, as HF 5.x does. The rule follows
+  config.json's model_type as HF 5.x does: "t5" as above, "mt5" never rescales (HF's MT5 has no rescale),
+  any other family (umt5, longt5, ...) is refused;
 - untied input embeddings (encoder/decoder.embed_tokens != shared) are refused, not loaded.
 """
 from __future__ import annotations
@@ -208,6 +210,13 @@ class T5Config:
     def from_json(cls, path):
         """Read a Hugging Face T5 config.json. Unknown keys (HF writes many) are ignored."""
         raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a JSON object")
+        family = raw.get("model_type", "t5")
+        if family not in ("t5", "mt5"):
+            raise InputError(f"{path}: model_type {family!r} is not supported (t5, mt5)")
+        if family == "mt5":  # HF's MT5 never rescales the decoder output, whatever tie_word_embeddings says
+            raw["scale_decoder_outputs"] = False
         for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
             if not isinstance(raw.get(key), int) or raw[key] <= 0:
                 raise InputError(f"{path}: key {key} must be a positive integer, got {raw.get(key)!r}")
