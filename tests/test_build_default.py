@@ -21,7 +21,7 @@ FOLDERS = ("policy",) + rewards.OBJECTIVES
 needs_data = pytest.mark.skipif(not (os.path.isfile(PAIR) and os.path.isfile(EMPATHY)),
                                 reason="data/pair_sample.csv or data/pair_empathy.csv not merged yet")
 needs_assets = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "metrics.json")),
-                                  reason="data/default/ not built (python emorl.py build-default)")
+                                  reason="data/default/ not built (python emorl.py build-default --force)")
 
 
 def file_bytes(directory):

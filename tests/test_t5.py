@@ -441,3 +441,25 @@ def test_unsupported_t5_family_is_refused(good_dir):
     config["model_type"] = "umt5"  # per-layer position biases: another architecture
     open(os.path.join(good_dir, "config.json"), "w").write(json.dumps(config))
     expect_error(good_dir, "model_type 'umt5'")
+
+
+def test_safetensors_files_are_byte_identical_across_processes(tmp_path):
+    """The safetensors writer keeps the metadata in a hash map whose order changes per process; save_safetensors
+    writes the same bytes for the same tensors in any process (eight metadata keys: 8! orders to fall into)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch, t5\n"
+              "g = torch.Generator().manual_seed(0)\n"
+              "tensors = {'b.weight': torch.randn(3, 4, generator=g), 'a.bias': torch.arange(5), 'c': torch.ones(2, dtype=torch.bfloat16)}\n"
+              "t5.save_safetensors(tensors, sys.argv[1], metadata={f'key{i}': f'value {i}' for i in range(7)} | {'format': 'pt'})\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for file in files:
+        subprocess.run([sys.executable, "-c", script, str(file)], check=True, cwd=root, timeout=120)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    from safetensors import safe_open
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {**{f"key{i}": f"value {i}" for i in range(7)}, "format": "pt"}
+        assert torch.equal(f.get_tensor("a.bias"), torch.arange(5))
+    assert (len(files[0].read_bytes()) - 8 - int.from_bytes(files[0].read_bytes()[:8], "little")) == 3 * 4 * 4 + 5 * 8 + 2 * 2
