@@ -19,8 +19,10 @@ Deviations from the Hugging Face implementation:
 - Inference only: no dropout layers (the scorers are frozen).
 - Only hidden_act "gelu" (erf) and position_embedding_type "absolute"; anything else is an InputError.
 - The tokenizer follows the `tokenizers` BertNormalizer + BertPreTokenizer that transformers 5.x runs
-  (per-character lower-casing, accents stripped before lower-casing, no NFC pass) and its longest-first
-  pair truncation (on a tie the second text keeps the odd token).
+  (per-character lower-casing, accents stripped before lower-casing, no NFC pass, unassigned code points
+  kept, its CJK ranges) and its longest-first pair truncation (on a tie the second text keeps the odd token).
+  Character classes come from Python's unicodedata, newer than the tables inside `tokenizers`: characters
+  Unicode added or re-categorised since differ (README, "Reliability", lists them).
 """
 from __future__ import annotations
 
@@ -247,8 +249,8 @@ def check_vocab_size(num_tokens, config: BertConfig, source):
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _is_control(ch):
-    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+def _is_control(ch):  # Cc, Cf, Co as `tokenizers` has it: unassigned code points (Cn) stay in the text
+    return ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs")
 
 
 def _is_punctuation(ch):
@@ -256,10 +258,10 @@ def _is_punctuation(ch):
     return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch).startswith("P")
 
 
-def _is_cjk(ch):
+def _is_cjk(ch):  # `tokenizers`' ranges: its Extension E starts at U+2B920 (BERT's Python code: U+2B820)
     cp = ord(ch)
     return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
-            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B920 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
 
 
 class WordPieceTokenizer:

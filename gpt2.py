@@ -13,7 +13,9 @@ Deviations from the paper / public code (which use Hugging Face's classes):
 - Only tied LM heads (lm_head = wte), as every GPT-2 checkpoint has; an untied head is an InputError.
 - The pre-tokenisation regex `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`
   is a hand-written scanner over unicodedata classes (Python's `re` has no \\p{..}); a test checks it
-  against the `tokenizers` library on unicode text.
+  against the `tokenizers` library on unicode text and on every code point of the BMP. Letters and
+  numbers that Unicode assigned after Python's unicodedata version (3.11: 14.0) count as "other" here
+  and as letters in `tokenizers`' newer regex tables (README, "Reliability").
 - Special-token strings inside raw text (e.g. a literal "</s>") are encoded as plain text, never
   turned into the special id (HF splits them out).
 """

@@ -1,6 +1,6 @@
 """Build the embedded default models under data/default/: the small stand-ins this project ships for
 the paper's T5-base policy and its three scorers (paper §5.2, §5.3; SPEC §3), trained here from the
-sample data so every command runs offline. Run:  python emorl.py build-default [--out DIR] [--seed S]
+sample data so every command runs offline. Run:  python emorl.py build-default --force | --out DIR [--seed S]
 
 What it trains (every model only on the *train* split of split_dataset(PAIR, 0) -- the commands'
 default split -- so the held-out numbers in metrics.json are honest):
