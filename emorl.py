@@ -364,7 +364,7 @@ def main(argv=None) -> int:
     from t5 import InputError
     try:
         args.func(args)
-    except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

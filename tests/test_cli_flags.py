@@ -271,3 +271,12 @@ def test_build_default_refuses_to_replace_the_committed_models(project_copy):
     result = run("build-default", "--scale", "0.001", cwd=project_copy, emorl=str(project_copy / "emorl.py"))
     assert_one_line_error(result, "--force", "--out")
     assert snapshot(project_copy / "data") == before
+
+
+def test_unreadable_input_file_is_one_line(outputs):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    locked = outputs / "locked.csv"
+    locked.write_text("prompt,hq1,hq2,mq1,lq1,lq2,lq3,lq4,lq5\n")
+    locked.chmod(0)
+    assert_one_line_error(run("train", "reflection", "--data", str(locked), cwd=outputs), "locked.csv")
