@@ -572,7 +572,9 @@ class T5Tokenizer:
         import sentencepiece
 
         if not os.path.isfile(spiece_model_path):
-            raise InputError(f"{spiece_model_path}: file not found")
+            hint = os.path.isfile(os.path.join(os.path.dirname(spiece_model_path), "tokenizer.json"))
+            raise InputError(f"{spiece_model_path}: file not found" + (" (transformers 5 saves only tokenizer.json: copy "
+                             "spiece.model from the original checkpoint)" if hint else ""))
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(spiece_model_path)

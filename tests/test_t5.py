@@ -463,3 +463,12 @@ def test_safetensors_files_are_byte_identical_across_processes(tmp_path):
         assert f.metadata() == {**{f"key{i}": f"value {i}" for i in range(7)}, "format": "pt"}
         assert torch.equal(f.get_tensor("a.bias"), torch.arange(5))
     assert (len(files[0].read_bytes()) - 8 - int.from_bytes(files[0].read_bytes()[:8], "little")) == 3 * 4 * 4 + 5 * 8 + 2 * 2
+
+
+def test_t5_folder_saved_by_transformers_5_without_spiece_model(good_dir):
+    """transformers 5 writes a T5 tokenizer as tokenizer.json only: the error says what to copy."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(good_dir)
+    os.remove(os.path.join(good_dir, "spiece.model"))
+    tokenizer.save_pretrained(good_dir)
+    assert not os.path.exists(os.path.join(good_dir, "spiece.model"))
+    expect_error(good_dir, "spiece.model: file not found", "copy spiece.model from the original checkpoint")
