@@ -25,7 +25,11 @@ SCORER_NAMES = ("reflection", "empathy", "fluency")
 
 # ----------------------------------------------------------------------------- flags, checked at parse time
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default beside its help text, and descriptions as written."""
+    """--help shows every flag's default beside its help text (a None default is explained in the text
+    itself), and descriptions as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,7 +62,10 @@ def integer(low, high=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low or (high is not None and value > high):
-            kind = f"an integer from {low} to {high}" if high is not None else "a positive integer" if low == 1 else f"an integer >= {low}"
+            if high is not None:
+                kind = f"an integer from {low} to {high}"
+            else:
+                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
             raise argparse.ArgumentTypeError(f"must be {kind}, got {text}")
         return value
     return parse
@@ -216,7 +223,8 @@ def cmd_search(args):
     svg = os.path.splitext(args.out)[0] + ".svg"
     if os.path.isdir(args.out):
         raise InputError(f"--out {args.out}: is a folder; give the path of the .json file to write")
-    prepare_output(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}", [os.path.basename(args.out), os.path.basename(svg)])
+    prepare_output(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}",
+                   [os.path.basename(args.out), os.path.basename(svg)])
     adapters = adapter_dirs(args)
     prompts = [e.prompt for e in load_splits(args)["aggregation"]]
     scorers = load_scorers(args)
@@ -252,7 +260,8 @@ def cmd_evaluate(args):
     import torch
     torch.manual_seed(args.seed)
     outputs = [args.out + ".md", args.out + ".csv"]
-    prepare_output(os.path.dirname(os.path.abspath(outputs[0])), f"--out {args.out}", [os.path.basename(p) for p in outputs])
+    prepare_output(os.path.dirname(os.path.abspath(outputs[0])), f"--out {args.out}",
+                   [os.path.basename(p) for p in outputs])
     search_result = t5.read_json(args.search) if os.path.exists(args.search) else None
     if search_result is None:
         print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
@@ -277,10 +286,11 @@ def cmd_convert(args):
 def cmd_build_default(args):
     from data import build_default
     from t5 import InputError
-    if args.out is None and not args.force:
+    out = DEFAULT_ASSETS if args.out is None else args.out
+    committed = os.path.realpath(out) == os.path.realpath(DEFAULT_ASSETS) and os.path.isdir(out) and os.listdir(out)
+    if committed and not args.force:
         raise InputError(f"{DEFAULT_ASSETS} holds the committed default models: pass --force to rebuild them "
                          "there, or --out DIR to write elsewhere")
-    out = DEFAULT_ASSETS if args.out is None else args.out
     prepare_output(out, f"--out {out}")
     build_default.build(out, seed=args.seed, scale=args.scale)
 
@@ -298,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "emorl.py, unlike the model defaults); each run goes to RUNS/<objective>-<seed>/")
     train.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
     train.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
-    train.add_argument("--samples-per-prompt", type=integer(2), default=3, help="k samples per prompt (SCST: their mean is the baseline, so k >= 2)")
+    train.add_argument("--samples-per-prompt", type=integer(2), default=3,
+                       help="k samples per prompt (SCST: their mean is the baseline, so k >= 2)")
     train.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
     train.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
     train.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
@@ -339,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(evaluate_cmd)
     add_data_flags(evaluate_cmd)
     evaluate_cmd.add_argument("--runs", default="runs", help="folder of training runs, relative to the current directory")
-    evaluate_cmd.add_argument("--search", default="search.json", help="grid search result with the weights, relative to the current directory")
+    evaluate_cmd.add_argument("--search", default="search.json",
+                              help="grid search result with the weights, relative to the current directory")
     evaluate_cmd.add_argument("--batch-size", type=positive, default=16, help="prompts decoded at once")
     evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
@@ -351,10 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     build = commands.add_parser("build-default", help="rebuild the embedded small models (data/build_default.py)")
-    build.add_argument("--out", help=f"output folder (default: {DEFAULT_ASSETS}, the committed models: needs --force)")
+    build.add_argument("--out", help=f"output folder (default: {DEFAULT_ASSETS}, the committed models, which needs --force)")
     build.add_argument("--force", action="store_true", help="replace the committed models in data/default/")
     build.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same files)")
-    build.add_argument("--scale", type=number(0.0, low_open=True), default=1.0, help="fraction of the training budget (tests use less)")
+    build.add_argument("--scale", type=number(0.0, low_open=True), default=1.0,
+                       help="fraction of the training budget (tests use less)")
     build.set_defaults(func=cmd_build_default)
     return parser
 

@@ -248,6 +248,7 @@ def test_every_flag_has_help_and_help_shows_defaults():
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, (name, action.dest)
+        assert "(default: None)" not in sub.format_help(), name
     result = run("train", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
@@ -268,8 +269,9 @@ def project_copy(tmp_path):
 
 def test_build_default_refuses_to_replace_the_committed_models(project_copy):
     before = snapshot(project_copy / "data")
-    result = run("build-default", "--scale", "0.001", cwd=project_copy, emorl=str(project_copy / "emorl.py"))
-    assert_one_line_error(result, "--force", "--out")
+    for extra in ([], ["--out", "data/default/"]):
+        result = run("build-default", "--scale", "0.001", *extra, cwd=project_copy, emorl=str(project_copy / "emorl.py"))
+        assert_one_line_error(result, "--force", "--out")
     assert snapshot(project_copy / "data") == before
 
 
