@@ -9,7 +9,9 @@ aggregation weights, generate and evaluate.
     python emorl.py build-default            # rebuild the embedded small models under data/default/
 
 Every command defaults to the embedded assets under data/ and takes flags pointing at real ones.
-A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2.
+A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2. Flag
+values are checked when parsed (ranges, finite numbers, a device that exists), output folders before any
+work; relative output paths (--runs, --out) are taken from the current directory.
 """
 from __future__ import annotations
 
