@@ -79,7 +79,7 @@ def cmd_train(args):
     objectives = list(SCORER_NAMES) if args.objective == "all" else [args.objective]
     splits = load_splits(args)
     scorers = load_scorers(args)
-    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
+    validation_prompts = [e.prompt for e in splits["aggregation"]][: args.val_prompts]   # None: all, as the authors
     for objective in objectives:
         run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
         if os.path.exists(os.path.join(run_dir, "summary.json")):
@@ -186,17 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--runs", default="runs", help="output folder; each run goes to RUNS/<objective>-<seed>/")
     train.add_argument("--max-steps", type=int, default=10_000)
     train.add_argument("--batch-size", type=int, default=16, help="prompts per step")
-    train.add_argument("--samples-per-prompt", type=int, default=3, help="k samples per prompt (SCST)")
+    train.add_argument("--samples-per-prompt", type=int, default=3, help="k samples per prompt (SCST and validation)")
     train.add_argument("--max-new-tokens", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--beta", type=float, default=0.05, help="KL coefficient")
     train.add_argument("--grad-clip", type=float, default=2.0)
-    train.add_argument("--val-every", type=int, default=8, help="validate every N steps")
-    train.add_argument("--val-prompts", type=int, default=32, help="fixed validation prompts (aggregation split)")
+    train.add_argument("--val-every", type=int, default=8,
+                       help="validate every N steps from step N (a step-0 validation is logged, not counted)")
+    train.add_argument("--val-prompts", type=int, default=None,
+                       help="validate on the first N aggregation prompts (default: all of them, as the authors)")
     train.add_argument("--cv-window", type=int, default=20, help="convergence: last N validation rewards")
     train.add_argument("--cv-tolerance", type=float, default=0.015, help="convergence: coefficient of variation below this")
-    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum", help="multi-objective reward")
+    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
+                       help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
     train.add_argument("--gamma", type=float, default=0.07, help="DynaOpt's Exp3 exploration rate")
+    train.add_argument("--top-k", type=int, default=50,
+                       help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):
