@@ -313,7 +313,7 @@ def test_validation_samples_k_per_prompt_in_eval_mode_and_is_reproducible(tiny):
     prompts = [e.prompt for e in examples(5)]
     args = make_args(batch_size=2)
     seen = []
-    scorers = dict(SCORERS, reflection=recording(length_scorer, seen))
+    scorers = dict(SCORERS, reflection=recording(length_scorer, seen), empathy=lambda p, r: torch.ones(len(r)))
     adapted.eval()
     first = scst.validate(adapted, tokenizer, scorers, prompts, args, step=8)
     assert [len(batch) for batch in seen] == [6, 6, 3]       # every prompt, k = 3 samples each, in batches of 2
@@ -321,6 +321,7 @@ def test_validation_samples_k_per_prompt_in_eval_mode_and_is_reproducible(tiny):
     assert scst.validate(adapted, tokenizer, scorers, prompts, args, step=8) == first
     expected = sum(min(max(s, 1e-4), 0.9999) for batch in seen[:3] for s in length_scorer(None, batch).tolist()) / 15
     assert first["reflection"] == pytest.approx(expected)    # mean over prompts × k of the clipped score
+    assert first["empathy"] == pytest.approx(0.9999)         # clipped as the authors' logsum_score clips
     assert scst.validate(adapted, tokenizer, scorers, prompts, args, step=16) != first   # own generator per step
 
 
