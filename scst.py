@@ -103,7 +103,8 @@ def converged(history: list[float], window: int = 20, tolerance: float = 0.015) 
 def trained_objectives(args) -> list[str]:
     """The scores a run's reward is made of: its one objective, or --objectives for uniform / dynaopt."""
     if args.objective in MULTI_OBJECTIVE:
-        return list(getattr(args, "objectives", None) or SINGLE_OBJECTIVES)
+        objectives = getattr(args, "objectives", None) or SINGLE_OBJECTIVES
+        return objectives.split(",") if isinstance(objectives, str) else list(objectives)
     return [args.objective]
 
 
