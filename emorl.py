@@ -187,7 +187,7 @@ def cmd_train(args):
         prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}", "adapter"), f"--runs {args.runs}")
     splits = load_splits(args)
     scorers = load_scorers(args)
-    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
+    validation_prompts = [e.prompt for e in splits["aggregation"]][: args.val_prompts]   # None: all, as the authors
     for objective in objectives:
         run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
         if os.path.exists(os.path.join(run_dir, "summary.json")):
@@ -311,17 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
     train.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
     train.add_argument("--samples-per-prompt", type=integer(2), default=3,
-                       help="k samples per prompt (SCST: their mean is the baseline, so k >= 2)")
+                       help="k samples per prompt (SCST and validation; their mean is the baseline, so k >= 2)")
     train.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
     train.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
     train.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
     train.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="gradient norm clipping")
-    train.add_argument("--val-every", type=positive, default=8, help="validate every N steps")
-    train.add_argument("--val-prompts", type=positive, default=32, help="fixed validation prompts (aggregation split)")
+    train.add_argument("--val-every", type=positive, default=8,
+                       help="validate every N steps from step N (a step-0 validation is logged, not counted)")
+    train.add_argument("--val-prompts", type=positive, default=None,
+                       help="validate on the first N aggregation prompts (default: all of them, as the authors)")
     train.add_argument("--cv-window", type=integer(2), default=20, help="convergence: last N validation rewards")
     train.add_argument("--cv-tolerance", type=number(0.0), default=0.015, help="convergence: coefficient of variation below this")
-    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum", help="multi-objective reward")
+    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
+                       help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
     train.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
+    train.add_argument("--top-k", type=integer(0), default=50,
+                       help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):
