@@ -71,7 +71,7 @@ FLUENCY = dict(vocab=300, n_embd=96, n_layer=2, n_head=4, n_positions=384, dropo
 FLUENCY_TRAIN = dict(epochs=12, batch_size=16, lr=1e-3)
 # Autonomy: smaller than empathy (< 1 MB), on the empathy scorer's WordPiece vocabulary (copied).
 AUTONOMY = dict(hidden=64, layers=2, heads=4, intermediate=256, positions=256)
-AUTONOMY_TRAIN = dict(epochs=15, batch_size=16, lr=1e-3)
+AUTONOMY_TRAIN = dict(epochs=25, batch_size=16, lr=5e-4)
 AUTONOMY_LABELS = ("advice", "autonomy")       # index 0, 1: the score is P(label "autonomy")
 TRAIN_DROPOUT = 0.1
 MAX_SOURCE, MAX_TARGET = 128, 64     # SPEC §1: encoder input <= 128 tokens, <= 64 new tokens
