@@ -1,6 +1,7 @@
 """Build the embedded default models under data/default/: the small stand-ins this project ships for
 the paper's T5-base policy and its three scorers (paper §5.2, §5.3; SPEC §3), trained here from the
-sample data so every command runs offline. Run:  python emorl.py build-default [--out DIR] [--seed S]
+sample data so every command runs offline, plus a fourth stand-in objective for the scalability
+scenario (§5.4: a new objective, a new adapter). Run:  python emorl.py build-default [--out DIR] [--seed S]
 
 What it trains (every model only on the *train* split of split_dataset(PAIR, 0) -- the commands'
 default split -- so the held-out numbers in metrics.json are honest):
@@ -14,11 +15,16 @@ default split -- so the held-out numbers in metrics.json are honest):
    level / 2 (hq 1, mq 0.5, lq 0);
 4. empathy: a BERT sequence classifier (num_labels = 1), MSE of the logit against label / 2;
 5. fluency: a GPT-2 language model on counselor-quality text (prompts + hq/mq reflections, Psych8k
-   input + output), in exactly the scorer's format BPE(prompt) + BPE(response).
+   input + output), in exactly the scorer's format BPE(prompt) + BPE(response);
+6. autonomy ("no unsolicited advice", not in the paper): a smaller BERT sequence classifier with two
+   labels (advice 0, autonomy 1) on the empathy scorer's WordPiece vocabulary, softmax cross-entropy
+   against data/pair_autonomy.csv; score = P(autonomy). Trained last, with its own seed (seed + 4), so
+   models 1-5 are byte-identical to a build without it.
 Each folder has Hugging Face's layout (config.json, model.safetensors, tokenizer files) and is read
-back through the project's own loaders (t5.load_t5, rewards.*Scorer.from_dir) to compute
+back through the project's own loaders (t5.load_t5, rewards.*Scorer.from_dir, bert.load_bert) to compute
 OUT/metrics.json: per scorer the held-out mean score of hq / mq / lq responses and the AUC
-P(random hq > random lq); for the policy held-out SL loss, </s> rate, length, examples, scores.
+P(random hq > random lq) (autonomy: also P(random autonomy-labelled > random advice-labelled response));
+for the policy held-out SL loss, </s> rate, length, examples, scores.
 
 Deviations from the paper / public code (which download pre-trained weights):
 - Tiny models trained on ~160 prompts: they rank responses sensibly but are no substitute for
