@@ -160,7 +160,7 @@ def search_svg(iterations, names, size=150, gap=46) -> str:
            + 'red dashed box: region searched next; red ring: best weights</text>']
     best = best_point(iterations)
     for row, it in enumerate(iterations):
-        top = 44 + row_gap - 22 + row * block
+        top = 44 + row_gap - 22 + row * block   # the first slice's top; its title lines sit above it
         out.append(f'<g class="panel" id="iteration-{it["iteration"]}">')
         if row:  # a rule between iterations: with d >= 4 an iteration is a block of several rows of slices
             out.append(f'<line x1="4" x2="{width - 100}" y1="{top - row_gap + 12}" y2="{top - row_gap + 12}" stroke="#ccc"/>')
@@ -191,7 +191,7 @@ def _subpanel(it, rest, left, top, size, low, high, names, chosen, best) -> str:
         return top + size - pad - (v - y0) / (y1 - y0) * (size - 2 * pad)
 
     parts = ['<g class="slice">', f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#888"/>']
-    for line, (name, value) in enumerate(reversed(list(zip(names[2:], rest)))):  # w3 on the line nearest the slice
+    for line, (name, value) in enumerate(reversed(list(zip(names[2:], rest)))):  # w3 on top, wd nearest the slice
         parts.append(f'<text class="title" x="{left + size / 2}" y="{top - 4 - 12 * line}" text-anchor="middle">'
                      f'{escape(name)} = {value:.4g}</text>')
     for v in (x0, (x0 + x1) / 2, x1):
