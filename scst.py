@@ -102,9 +102,9 @@ class Exp3:
         self.weights[arm] *= math.exp(self.gamma * estimated / len(self.weights))
 
 
-def trained_objectives(objective: str) -> list[str]:
-    """The scores a run's reward is made of: one for a single objective, all three for the baselines."""
-    return list(SINGLE_OBJECTIVES) if objective in ("uniform", "dynaopt") else [objective]
+def trained_objectives(args) -> list[str]:
+    """The scores a run's reward is made of: args.objective alone, or args.objectives for uniform / dynaopt."""
+    return list(args.objectives) if args.objective in ("uniform", "dynaopt") else [args.objective]
 
 
 def combine_rewards(scores: torch.Tensor, weights: list[float], combine: str) -> torch.Tensor:
@@ -157,7 +157,7 @@ def adapter_dropout_only(model):
 
 def scst_step(model, tokenizer, scorers, optimizer, prompts, weights, args, generator) -> dict:
     """One SCST update on a batch of prompts; returns the step's statistics."""
-    device, k, names = args.device, args.samples_per_prompt, trained_objectives(args.objective)
+    device, k, names = args.device, args.samples_per_prompt, trained_objectives(args)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device, repeat=k)
     model.eval()                                           # sampling: no dropout
     tokens, _ = t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0,
@@ -193,7 +193,7 @@ class TrainingRun:
         self.run_dir, self.args, self.num_train = run_dir, args, num_train
         self.step, self.epoch, self.cursor, self.elapsed = 0, 0, 0, 0.0
         self.history, self.validations, self.converged = [], [], False
-        self.bandit, self.bandit_arm, self.bandit_rng = Exp3(len(SINGLE_OBJECTIVES), args.gamma), None, random.Random(args.seed)
+        self.bandit, self.bandit_arm, self.bandit_rng = Exp3(len(trained_objectives(args)), args.gamma), None, random.Random(args.seed)
         self.log_sizes = {"train.jsonl": 0, "train.log": 0}
 
     # --- data order: a seeded reshuffle per epoch, a cursor into it
@@ -212,14 +212,14 @@ class TrainingRun:
     def reward_weights(self) -> list[float]:
         if self.args.objective == "dynaopt":
             return self.bandit.probabilities()
-        return [1.0 / len(trained_objectives(self.args.objective))] * len(trained_objectives(self.args.objective))
+        return [1.0 / len(trained_objectives(self.args))] * len(trained_objectives(self.args))
 
     def record_validation(self, scores: dict[str, float]) -> float:
-        names = trained_objectives(self.args.objective)
+        names = trained_objectives(self.args)
         reward = sum(scores[n] for n in names) / len(names)
         if self.args.objective == "dynaopt":                 # Exp3: pay the arm drawn last time
             if self.bandit_arm is not None and self.validations:
-                arm_name = SINGLE_OBJECTIVES[self.bandit_arm]
+                arm_name = names[self.bandit_arm]
                 self.bandit.update(self.bandit_arm, scores[arm_name] - self.validations[-1]["scores"][arm_name])
             self.bandit_arm = self.bandit.choose(self.bandit_rng)
         self.history.append(reward)
@@ -329,7 +329,7 @@ def train(model, tokenizer, scorers: dict, train_examples: list, validation_prom
     bar.close()
     run.elapsed = time.time() - started
     lora.save_adapter(model, args.objective, os.path.join(run_dir, "adapter"), base_model_name_or_path=args.policy)
-    summary = {"objective": args.objective, "seed": args.seed, "steps": run.step,
+    summary = {"objective": args.objective, "objectives": trained_objectives(args), "seed": args.seed, "steps": run.step,
                "data_points": run.step * args.batch_size, "wall_seconds": round(run.elapsed, 2),
                "converged": run.converged, "initial_validation": run.validations[0]["scores"],
                "final_validation": run.validations[-1]["scores"], "final_reward": run.history[-1],

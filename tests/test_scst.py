@@ -126,7 +126,7 @@ SCORERS = {"reflection": length_scorer, "empathy": word_scorer, "fluency": lengt
 def make_args(**overrides):
     args = dict(objective="reflection", seed=0, device="cpu", max_steps=6, batch_size=4, samples_per_prompt=3,
                 max_new_tokens=8, lr=1e-2, beta=0.05, grad_clip=2.0, val_every=2, cv_window=20, cv_tolerance=0.015,
-                combine="logsum", gamma=0.07, policy="tiny")
+                combine="logsum", gamma=0.07, policy="tiny", objectives=["reflection", "empathy", "fluency"])
     args.update(overrides)
     return argparse.Namespace(**args)
 
