@@ -236,8 +236,10 @@ def cmd_train(args):
     else:
         import multiprocessing
         print(f"training {', '.join(objectives)} in {jobs} processes on {', '.join(devices)}", flush=True)
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:   # closing it stops every job
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:   # an error stops every job
             summaries = [summary for done in pool.imap_unordered(train_job, plan) for summary in done]
+            pool.close()
+            pool.join()
     if len(objectives) > 1 and summaries:
         print(f"trained {len(summaries)} runs in {jobs} process(es): {time.time() - started:.1f}s wall; "
               f"Eq. (3) counts the longest run, {max(s['wall_seconds'] for s in summaries):.1f}s")

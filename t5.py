@@ -109,6 +109,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    # safetensors writes the metadata in a random (hash) order: sort it, so the same tensors give the same bytes.
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:                                     # same keys and values: same length
+            data = data[:8] + text.ljust(size) + data[8 + size:]
     atomic_write(path, data)
 
 
