@@ -139,3 +139,105 @@ def test_load_scorers_mixes_built_in_and_plugged(tmp_path):
         rewards.load_scorers({"empathy": (str(tmp_path / "empathy"), "0")})
     with pytest.raises(InputError, match="empathy classifier has 2 labels"):
         rewards.load_scorers({"empathy": str(tmp_path / "autonomy")})
+
+
+# ----------------------------------------------------------------------------- the command line, end to end
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TRAINING = ["--sample", "0.1", "--batch-size", "2", "--samples-per-prompt", "2", "--max-steps", "1",
+                 "--val-every", "1", "--val-prompts", "1", "--max-new-tokens", "8"]
+
+
+def emorl(*args, cwd):
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")           # tiny models: one thread each, as in conftest.py
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "emorl.py"), *args], capture_output=True, text=True,
+                            cwd=cwd, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def file_hashes(folder) -> dict:
+    import hashlib
+    return {os.path.relpath(os.path.join(d, n), folder): hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def tiny_policy(folder):
+    """A random T5 with d_model 16 and the embedded default's tokenizer: decoding 64 tokens costs little."""
+    import t5
+    torch.manual_seed(9)
+    config = t5.T5Config(vocab_size=2100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    model = t5.T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.shared.weight.normal_(0.0, 0.05)
+    t5.save_t5(model, os.path.join(ROOT, "data", "default", "policy", "spiece.model"), str(folder))
+    return str(folder)
+
+
+def test_add_an_objective_train_it_alone_search_d_2_and_4_evaluate(tmp_path):
+    """The paper's scalability (§5.4) through the command line: three adapters trained in 2 processes (the
+    same bytes as in one process), a fourth objective plugged in and trained alone, searches with d = 4
+    and d = 2, evaluate with a column per objective; the three first adapters' files never change."""
+    autonomy = tmp_path / "autonomy"
+    bert_classifier(autonomy, [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], seed=4, id2label=LABELS)
+    policy = ["--policy", tiny_policy(tmp_path / "policy")]
+    plug = ["--scorer", f"autonomy={autonomy}:autonomy"]
+    train = [*policy, *TINY_TRAINING]
+    emorl("train", "all", "--jobs", "2", *train, "--runs", "runs", cwd=tmp_path)
+    emorl("train", "all", "--objectives", "reflection,empathy", *train, "--runs", "sequential", cwd=tmp_path)
+    for name in ("reflection", "empathy"):           # empathy: first in its own process vs second in one process
+        assert file_hashes(tmp_path / "runs" / f"{name}-0" / "adapter") == \
+            file_hashes(tmp_path / "sequential" / f"{name}-0" / "adapter")
+    before = {name: file_hashes(tmp_path / "runs" / f"{name}-0") for name in ("reflection", "empathy", "fluency")}
+
+    emorl("train", "autonomy", *plug, *train, "--runs", "runs", cwd=tmp_path)
+    summary = json.loads((tmp_path / "runs" / "autonomy-0" / "summary.json").read_text())
+    assert summary["objectives"] == ["autonomy"] and "autonomy" in summary["final_validation"]
+
+    four = "reflection,empathy,fluency,autonomy"
+    search = [*policy, "--sample", "0.1", "--iterations", "1", "--batch-size", "8", "--runs", "runs", *plug]
+    out = emorl("search", "--objectives", four, *search, "--out", "search4.json", cwd=tmp_path)
+    result = json.loads((tmp_path / "search4.json").read_text())
+    assert result["objectives"] == four.split(",") and len(result["best_weights"]) == 4
+    assert len(result["evaluations"]) == 3 ** 4 - 1 - 15     # w = 0 skipped, one decode per ray ({0,1}^4 \ 0 doubled)
+    assert result["meta"]["adapters"] == [str(tmp_path / "runs" / f"{n}-0" / "adapter") for n in four.split(",")]
+    assert "(plain Algorithm 1: 81)" in out
+    emorl("search", "--objectives", "empathy,autonomy", *search, "--out", "search2.json", cwd=tmp_path)
+    result = json.loads((tmp_path / "search2.json").read_text())
+    assert result["objectives"] == ["empathy", "autonomy"] and len(result["evaluations"]) == 3 ** 2 - 1 - 3
+
+    emorl("evaluate", "--objectives", four, *policy, "--sample", "0.1", "--runs", "runs", "--search", "search4.json",
+          *plug, cwd=tmp_path)
+    table = (tmp_path / "evaluate.md").read_text().splitlines()
+    assert table[0].startswith("| method | reflection | empathy | fluency | autonomy | average | diversity-2 |")
+    assert [line.split(" | ")[0] for line in table[2:]] == \
+        ["| base", "| reflection", "| empathy", "| fluency", "| autonomy", "| param", "| logit", "| hidden"]
+    assert all(float(line.split(" | ")[4].split(" ± ")[0]) >= 0 for line in table[2:])   # every row scored on autonomy
+    assert {name: file_hashes(tmp_path / "runs" / f"{name}-0") for name in before} == before
+
+
+def test_the_embedded_default_registers_its_plugged_scorer(tmp_path, monkeypatch):
+    import emorl
+    args = emorl.build_parser().parse_args(["search"])
+    monkeypatch.setattr(emorl, "DEFAULT_ASSETS", str(tmp_path))
+    assert list(emorl.known_scorers(args)) == ["reflection", "empathy", "fluency"]
+    (tmp_path / "autonomy").mkdir()
+    assert emorl.known_scorers(args)["autonomy"] == (str(tmp_path / "autonomy"), "autonomy")
+    args = emorl.build_parser().parse_args(["search", "--scorer", "autonomy=elsewhere:1"])
+    assert emorl.known_scorers(args)["autonomy"] == ("elsewhere", "1")     # a user's --scorer replaces it
+
+
+def test_same_tensors_same_bytes(tmp_path):
+    """safetensors writes metadata in hash order; t5.save_safetensors sorts it, so --jobs 2 and --jobs 1
+    can give byte-identical adapter files."""
+    import t5
+    from safetensors import safe_open
+    tensors, metadata = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}, {"format": "pt", "zeta": "1", "b": "é\"2"}
+    files = set()
+    for i in range(8):
+        t5.save_safetensors(tensors, str(tmp_path / f"{i}.safetensors"), metadata)
+        files.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(files) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == metadata and torch.equal(f.get_tensor("a"), tensors["a"])
