@@ -5,7 +5,8 @@ of EMORL's scorers (paper §5.3; SPEC §3).
 - Reflection: the RoBERTa encoder (no pooler) -> CLS vector -> rewards.py's own Linear-ELU-Linear head.
 One code path serves both: post-LN transformer, erf-GELU, absolute position embeddings. RoBERTa only
 differs in its positions (they start at padding_idx + 1; pad tokens sit at padding_idx) and a
-one-row token-type table. RoBERTa's byte-level BPE tokenizer lives in gpt2.py.
+one-row token-type table. RoBERTa's byte-level BPE tokenizer lives in gpt2.py. The WordPiece vocabulary
+comes from vocab.txt, or from tokenizer.json when a folder has only that (transformers 5's save_pretrained).
 
 Checkpoint key map (Hugging Face -> this module). Every other key is an InputError that names it:
     bert.* / roberta.* / un-prefixed (bare BertModel.save_pretrained)  -> BertModel: same name, prefix dropped
@@ -18,8 +19,10 @@ Deviations from the Hugging Face implementation:
 - Inference only: no dropout layers (the scorers are frozen).
 - Only hidden_act "gelu" (erf) and position_embedding_type "absolute"; anything else is an InputError.
 - The tokenizer follows the `tokenizers` BertNormalizer + BertPreTokenizer that transformers 5.x runs
-  (per-character lower-casing, accents stripped before lower-casing, no NFC pass) and its longest-first
-  pair truncation (on a tie the second text keeps the odd token).
+  (per-character lower-casing, accents stripped before lower-casing, no NFC pass, unassigned code points
+  kept, its CJK ranges) and its longest-first pair truncation (on a tie the second text keeps the odd token).
+  Character classes come from Python's unicodedata, newer than the tables inside `tokenizers`: characters
+  Unicode added or re-categorised since differ (README, "Reliability", lists them).
 """
 from __future__ import annotations
 
@@ -246,8 +249,8 @@ def check_vocab_size(num_tokens, config: BertConfig, source):
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _is_control(ch):
-    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+def _is_control(ch):  # Cc, Cf, Co as `tokenizers` has it: unassigned code points (Cn) stay in the text
+    return ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs")
 
 
 def _is_punctuation(ch):
@@ -255,10 +258,10 @@ def _is_punctuation(ch):
     return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch).startswith("P")
 
 
-def _is_cjk(ch):
+def _is_cjk(ch):  # `tokenizers`' ranges: its Extension E starts at U+2B920 (BERT's Python code: U+2B820)
     cp = ord(ch)
     return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
-            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B920 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
 
 
 class WordPieceTokenizer:
@@ -279,15 +282,25 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_dir(cls, directory):
-        path = os.path.join(directory, "vocab.txt")
-        if not os.path.isfile(path):
-            raise InputError(f"{path}: file not found")
-        with open(path, encoding="utf-8") as f:
-            vocab = [line.rstrip("\n") for line in f]
+        """vocab.txt, or when it is absent (transformers 5 saves only tokenizer.json) the WordPiece vocabulary
+        in tokenizer.json. The options come from tokenizer_config.json either way, with BERT's defaults:
+        transformers 5 also rebuilds the normaliser from them rather than from tokenizer.json."""
+        path, json_path = os.path.join(directory, "vocab.txt"), os.path.join(directory, "tokenizer.json")
+        max_chars = 100
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                vocab = [line.rstrip("\n") for line in f]
+        elif os.path.isfile(json_path):
+            (vocab, max_chars), path = wordpiece_from_tokenizer_json(json_path), json_path
+        else:
+            raise InputError(f"{path}: file not found (nor a tokenizer.json beside it)")
         config_path = os.path.join(directory, "tokenizer_config.json")
         options = t5.read_json(config_path) if os.path.isfile(config_path) else {}
+        if not isinstance(options, dict):
+            raise InputError(f"{config_path}: expected a JSON object")
         return cls(vocab, do_lower_case=options.get("do_lower_case", True), strip_accents=options.get("strip_accents"),
-                   tokenize_chinese_chars=options.get("tokenize_chinese_chars", True), source=path)
+                   tokenize_chinese_chars=options.get("tokenize_chinese_chars", True), max_input_chars_per_word=max_chars,
+                   source=path)
 
     @property
     def vocab_size(self):
@@ -362,6 +375,29 @@ class WordPieceTokenizer:
                "attention_mask": [pad([1] * len(ids), 0) for ids, _ in rows],
                "token_type_ids": [pad(types, 0) for _, types in rows]}
         return {k: torch.tensor(v, dtype=torch.long, device=device).view(len(rows), width) for k, v in out.items()}
+
+
+def wordpiece_from_tokenizer_json(path) -> tuple[list[str], int]:
+    """The tokens (in id order) and max_input_chars_per_word of a `tokenizers` WordPiece tokenizer.json;
+    added tokens missing from model.vocab take their own ids, which must continue the vocabulary."""
+    raw = t5.read_json(path)
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+        found = model.get("type") if isinstance(model, dict) else None
+        raise InputError(f"{path}: not a WordPiece tokenizer (model.type {found!r})")
+    if model.get("continuing_subword_prefix", "##") != "##":
+        raise InputError(f"{path}: continuing_subword_prefix {model['continuing_subword_prefix']!r} (only '##' is supported)")
+    ids = dict(model["vocab"])
+    for added in raw.get("added_tokens") or []:
+        if isinstance(added, dict) and isinstance(added.get("content"), str):
+            ids.setdefault(added["content"], added.get("id"))
+    tokens = sorted(ids, key=lambda t: ids[t] if isinstance(ids[t], int) else -1)
+    if [ids[t] for t in tokens] != list(range(len(tokens))):
+        raise InputError(f"{path}: token ids are not the integers 0..{len(tokens) - 1}")
+    max_chars = model.get("max_input_chars_per_word", 100)
+    if not isinstance(max_chars, int) or max_chars < 1:
+        raise InputError(f"{path}: max_input_chars_per_word must be a positive integer, got {max_chars!r}")
+    return tokens, max_chars
 
 
 def _split_punctuation(chunk):

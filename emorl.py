@@ -9,7 +9,9 @@ aggregation weights, generate and evaluate.
     python emorl.py build-default            # rebuild the embedded small models under data/default/
 
 Every command defaults to the embedded assets under data/ and takes flags pointing at real ones.
-A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2.
+A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2. Flag
+values are checked when parsed (ranges, finite numbers, a device that exists), output folders before any
+work; relative output paths (--runs, --out) are taken from the current directory.
 
 Objectives are named scorers (§5.4's scalability): the built-ins reflection, empathy, fluency (flags
 --reflection/--empathy/--fluency DIR), the embedded default's plugged ones (DEFAULT_PLUGGED, when
@@ -39,38 +41,138 @@ DEFAULT_PLUGGED = {"autonomy": ("autonomy", "autonomy")}
 OBJECTIVE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")   # a run folder <name>-<seed> and a LoRA adapter name
 
 
+# ----------------------------------------------------------------------------- flags, checked at parse time
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default beside its help text (a None default is explained in the text
+    itself), and descriptions as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse held to the project's error contract: one line `error: ...`, exit status 2, and a pointer
+    to --help. add_subparsers builds the sub-commands with this class too."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # "--weights -1,0.5,0.5": argparse takes a value that starts with "-" for a flag and never shows the
+        # weight check's message; glue such a value to its flag ("--weights=-1,0.5,0.5") so it is parsed.
+        args, glued = list(sys.argv[1:] if args is None else args), []
+        while args:
+            arg = args.pop(0)
+            if arg == "--weights" and args and args[0][:1] == "-" and args[0][:2] != "--" and args[0] != "-h":
+                arg = f"--weights={args.pop(0)}"
+            glued.append(arg)
+        return super().parse_known_args(glued, namespace)
+
+
+def integer(low, high=None):
+    """argparse type: an integer in [low, high] (high None: no upper bound)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            if high is not None:
+                kind = f"an integer from {low} to {high}"
+            else:
+                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text}")
+        return value
+    return parse
+
+
+def number(low, high=None, low_open=False):
+    """argparse type: a finite float, > low (low_open) or >= low, and <= high when high is given."""
+    def parse(text):
+        import math
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = ("> " if low_open else ">= ") + f"{low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+    return parse
+
+
+def device(text):
+    """argparse type: a torch device that exists on this machine (cpu, cuda, cuda:N, mps, ...)."""
+    if text == "cpu":
+        return text  # no torch import for the default
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "meta":
+        raise argparse.ArgumentTypeError("meta: holds no data, cannot run a model")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, NotImplementedError) as e:
+            raise argparse.ArgumentTypeError(f"{text}: not available on this machine ({' '.join(str(e).split())[:120]})") from None
+    return text
+
+
+def devices(text):
+    """argparse type for train: one device or a comma-separated list (one per --jobs process)."""
+    return ",".join(device(part.strip()) for part in text.split(","))
+
+
+positive = integer(1)
+seed = integer(0, 2**63 - 1)
+fraction = number(0.0, 1.0, low_open=True)
+
+
+def prepare_output(folder, what, names=None):
+    """Before any work: the output folder must be writable (one-line error otherwise), and temporary files
+    a killed run left there are deleted (only those of `names` in a shared folder)."""
+    import t5
+    t5.check_writable(folder, what)
+    removed = t5.remove_stale_temporaries(folder, names)
+    if removed:
+        print(f"{folder}: removed {len(removed)} temporary file(s) a killed run left behind")
+
+
 # ----------------------------------------------------------------------------- shared loading
-def add_model_flags(parser, scorers=True):
+def add_model_flags(parser, scorers=True, device_type=device):
     parser.add_argument("--policy", default=os.path.join(DEFAULT_ASSETS, "policy"), help="T5 directory (HF layout)")
     if scorers:
         for name in SCORER_NAMES:
             parser.add_argument(f"--{name}", default=os.path.join(DEFAULT_ASSETS, name), help=f"{name} scorer directory")
-    if scorers:
         parser.add_argument("--scorer", action="append", default=[], metavar="NAME=DIR[:LABEL]",
                             help="plug in objective NAME scored by the classifier / GPT-2 in DIR (LABEL: the "
                                  "classifier's label to score); repeatable")
     parser.add_argument("--objectives", metavar="A,B,...",
                         help="comma-separated objectives (default: reflection,empathy,fluency)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    parser.add_argument("--device", type=device_type, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (must exist here)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same result)")
 
 
 def add_data_flags(parser):
     parser.add_argument("--data", default=DEFAULT_DATA, help="PAIR .csv or Psych8k .json file")
-    parser.add_argument("--sample", type=float, default=1.0, help="use this fraction of the data (e.g. 0.1)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
-
-
-def single_device(args) -> str:
-    from t5 import InputError
-    if "," in args.device:
-        raise InputError(f"--device {args.device}: one device here (a comma-separated list is for train --jobs)")
-    return args.device
+    parser.add_argument("--sample", type=fraction, default=1.0, help="use this fraction of the data, in (0, 1] (e.g. 0.1)")
+    parser.add_argument("--split-seed", type=seed, default=0, help="seed of the 80/10/10 split")
 
 
 def load_policy(args):
     import t5
-    model, tokenizer = t5.load_t5(args.policy, device=single_device(args))
+    model, tokenizer = t5.load_t5(args.policy, device=args.device)
     return model, tokenizer
 
 
@@ -136,7 +238,7 @@ def parse_objectives(text: str | None, known: dict | None) -> list[str]:
 def load_scorers(args, names, known):
     """The scorers of objectives `names` on args.device, in that order."""
     import rewards
-    return rewards.load_scorers({name: known[name] for name in names}, device=single_device(args))
+    return rewards.load_scorers({name: known[name] for name in names}, device=args.device)
 
 
 def load_splits(args) -> dict:
@@ -223,11 +325,12 @@ def cmd_train(args):
     known = known_scorers(args)
     objectives = training_runs(args, known)
     devices = [device.strip() for device in args.device.split(",")]
-    if args.jobs < 1:
-        raise InputError(f"--jobs {args.jobs}: need at least 1")
     jobs = min(args.jobs, len(objectives))
     if len(devices) > jobs:
         raise InputError(f"--device {args.device}: {len(devices)} devices for {jobs} job(s); one device per job")
+    for objective in objectives:
+        prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}"), f"--runs {args.runs}")
+        prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}", "adapter"), f"--runs {args.runs}")
     # Job j trains objectives j, j + N, j + 2N, ... on devices[j mod len(devices)].
     plan = [(args, [(name, devices[j % len(devices)]) for name in objectives[j::jobs]], known) for j in range(jobs)]
     started = time.time()
@@ -268,6 +371,11 @@ def cmd_search(args):
     torch.manual_seed(args.seed)
     known = known_scorers(args)
     names = parse_objectives(args.objectives, known)
+    svg = os.path.splitext(args.out)[0] + ".svg"
+    if os.path.isdir(args.out):
+        raise InputError(f"--out {args.out}: is a folder; give the path of the .json file to write")
+    prepare_output(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}",
+                   [os.path.basename(args.out), os.path.basename(svg)])
     if len(names) < 2:
         raise InputError(f"search --objectives {','.join(names)}: the weights of a single adapter need no search; "
                          "give at least 2 objectives")
@@ -280,7 +388,6 @@ def cmd_search(args):
                                       batch_size=args.batch_size, device=args.device)
     meta = {"adapters": adapters, "level": args.level, "data": os.path.abspath(args.data), "sample": args.sample,
             "split_seed": args.split_seed, "prompts": len(prompts)}
-    svg = os.path.splitext(args.out)[0] + ".svg"
     search.run_search(objective, names, out_path=args.out, iterations=args.iterations, svg_path=svg, meta=meta)
 
 
@@ -309,6 +416,9 @@ def cmd_evaluate(args):
     torch.manual_seed(args.seed)
     known = known_scorers(args)
     names = parse_objectives(args.objectives, known)
+    outputs = [args.out + ".md", args.out + ".csv"]
+    prepare_output(os.path.dirname(os.path.abspath(outputs[0])), f"--out {args.out}",
+                   [os.path.basename(p) for p in outputs])
     search_result = t5.read_json(args.search) if os.path.exists(args.search) else None
     if search_result is None:
         print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
@@ -332,39 +442,52 @@ def cmd_convert(args):
 
 def cmd_build_default(args):
     from data import build_default
-    build_default.build(args.out, seed=args.seed, scale=args.scale)
+    from t5 import InputError
+    out = DEFAULT_ASSETS if args.out is None else args.out
+    committed = os.path.realpath(out) == os.path.realpath(DEFAULT_ASSETS) and os.path.isdir(out) and os.listdir(out)
+    if committed and not args.force:
+        raise InputError(f"{DEFAULT_ASSETS} holds the committed default models: pass --force to rebuild them "
+                         "there, or --out DIR to write elsewhere")
+    prepare_output(out, f"--out {out}")
+    build_default.build(out, seed=args.seed, scale=args.scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emorl.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="emorl.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
     train.add_argument("objective", help="reflection, empathy, fluency, a plugged objective (--scorer), uniform, "
                                          "dynaopt, or all (every objective of --objectives, one adapter each)")
-    add_model_flags(train)
+    add_model_flags(train, device_type=devices)
     add_data_flags(train)
-    train.add_argument("--runs", default="runs", help="output folder; each run goes to RUNS/<objective>-<seed>/")
-    train.add_argument("--max-steps", type=int, default=10_000)
-    train.add_argument("--batch-size", type=int, default=16, help="prompts per step")
-    train.add_argument("--samples-per-prompt", type=int, default=3, help="k samples per prompt (SCST)")
-    train.add_argument("--max-new-tokens", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--beta", type=float, default=0.05, help="KL coefficient")
-    train.add_argument("--grad-clip", type=float, default=2.0)
-    train.add_argument("--val-every", type=int, default=8, help="validate every N steps")
-    train.add_argument("--val-prompts", type=int, default=32, help="fixed validation prompts (aggregation split)")
-    train.add_argument("--cv-window", type=int, default=20, help="convergence: last N validation rewards")
-    train.add_argument("--cv-tolerance", type=float, default=0.015, help="convergence: coefficient of variation below this")
-    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum", help="multi-objective reward")
-    train.add_argument("--gamma", type=float, default=0.07, help="DynaOpt's Exp3 exploration rate")
-    train.add_argument("--jobs", type=int, default=1,
+    train.add_argument("--runs", default="runs", help="output folder, relative to the current directory (not to "
+                       "emorl.py, unlike the model defaults); each run goes to RUNS/<objective>-<seed>/")
+    train.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
+    train.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
+    train.add_argument("--samples-per-prompt", type=integer(2), default=3,
+                       help="k samples per prompt (SCST and validation; their mean is the baseline, so k >= 2)")
+    train.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
+    train.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
+    train.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
+    train.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="gradient norm clipping")
+    train.add_argument("--val-every", type=positive, default=8,
+                       help="validate every N steps from step N (a step-0 validation is logged, not counted)")
+    train.add_argument("--val-prompts", type=positive, default=None,
+                       help="validate on the first N aggregation prompts (default: all of them, as the authors)")
+    train.add_argument("--cv-window", type=integer(2), default=20, help="convergence: last N validation rewards")
+    train.add_argument("--cv-tolerance", type=number(0.0), default=0.015, help="convergence: coefficient of variation below this")
+    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
+                       help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
+    train.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
+    train.add_argument("--jobs", type=positive, default=1,
                        help="train all: N processes at once (--device a,b,...: one device per process)")
+    train.add_argument("--top-k", type=integer(0), default=50,
+                       help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):
-        sub.add_argument("--runs", default="runs", help="folder of training runs")
+        sub.add_argument("--runs", default="runs", help="folder of training runs, relative to the current directory")
         sub.add_argument("--adapters", nargs="+", metavar="DIR",
                          help="adapter folders, one per objective in --objectives order (default: newest runs)")
         sub.add_argument("--level", choices=["hidden", "logit", "param"], default="hidden", help="aggregation level")
@@ -373,15 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(search_cmd)
     add_data_flags(search_cmd)
     add_aggregation_flags(search_cmd)
-    search_cmd.add_argument("--iterations", type=int, default=5)
-    search_cmd.add_argument("--batch-size", type=int, default=16)
-    search_cmd.add_argument("--out", default="search.json", help="results (resumable); the figure goes beside it as .svg")
+    search_cmd.add_argument("--iterations", type=positive, default=5, help="refinement iterations of Algorithm 1")
+    search_cmd.add_argument("--batch-size", type=positive, default=16, help="prompts decoded at once")
+    search_cmd.add_argument("--out", default="search.json", help="results (resumable), relative to the current directory; "
+                            "the figure goes beside it as .svg")
     search_cmd.set_defaults(func=cmd_search)
 
     generate = commands.add_parser("generate", help="aggregated reflection for client statements (Eq. 2)")
     generate.add_argument("text", nargs="+", help="client statement(s)")
     generate.add_argument("--weights", required=True, help="comma-separated weights, e.g. 0.8,0.5,0.05")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each reflection")
     add_model_flags(generate, scorers=False)
     add_aggregation_flags(generate)
     generate.set_defaults(func=cmd_generate)
@@ -389,10 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd = commands.add_parser("evaluate", help="Tables 1 and 2 on the inference split")
     add_model_flags(evaluate_cmd)
     add_data_flags(evaluate_cmd)
-    evaluate_cmd.add_argument("--runs", default="runs", help="folder of training runs")
-    evaluate_cmd.add_argument("--search", default="search.json", help="grid search result with the weights")
-    evaluate_cmd.add_argument("--batch-size", type=int, default=16)
-    evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv")
+    evaluate_cmd.add_argument("--runs", default="runs", help="folder of training runs, relative to the current directory")
+    evaluate_cmd.add_argument("--search", default="search.json",
+                              help="grid search result with the weights, relative to the current directory")
+    evaluate_cmd.add_argument("--batch-size", type=positive, default=16, help="prompts decoded at once")
+    evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
 
     convert = commands.add_parser("convert", help="turn a PyTorch .pt/.bin scorer checkpoint into safetensors")
@@ -402,9 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     build = commands.add_parser("build-default", help="rebuild the embedded small models (data/build_default.py)")
-    build.add_argument("--out", default=DEFAULT_ASSETS)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--scale", type=float, default=1.0, help="fraction of the training budget (tests use less)")
+    build.add_argument("--out", help=f"output folder (default: {DEFAULT_ASSETS}, the committed models, which needs --force)")
+    build.add_argument("--force", action="store_true", help="replace the committed models in data/default/")
+    build.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same files)")
+    build.add_argument("--scale", type=number(0.0, low_open=True), default=1.0,
+                       help="fraction of the training budget (tests use less)")
     build.set_defaults(func=cmd_build_default)
     return parser
 
@@ -414,7 +541,7 @@ def main(argv=None) -> int:
     from t5 import InputError
     try:
         args.func(args)
-    except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,14 +5,17 @@ concatenation prompt + response, score = (50 - ppl) / 50 clipped to [0, 1] (rewa
 gives the model (`GPT2LMHeadModel`, `load_gpt2`), the per-sequence NLL (`sequence_nll`), and the
 tokenizer: GPT-2's byte->unicode table, its pre-tokenisation regex, BPE merges by rank. RoBERTa
 (the reflection scorer's encoder, bert.py) uses the same tokenizer with `<s> a </s></s> b </s>`.
-`train_byte_bpe` / `save_bpe` build small vocabularies for the embedded default scorers.
+`train_byte_bpe` / `save_bpe` build small vocabularies for the embedded default scorers. Tokenizer files:
+vocab.json + merges.txt, or tokenizer.json alone (what transformers 5's save_pretrained writes).
 
 Deviations from the paper / public code (which use Hugging Face's classes):
 - Inference only: no dropout, no KV cache (the scorer runs one teacher-forced pass).
 - Only tied LM heads (lm_head = wte), as every GPT-2 checkpoint has; an untied head is an InputError.
 - The pre-tokenisation regex `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`
   is a hand-written scanner over unicodedata classes (Python's `re` has no \\p{..}); a test checks it
-  against the `tokenizers` library on unicode text.
+  against the `tokenizers` library on unicode text and on every code point of the BMP. Letters and
+  numbers that Unicode assigned after Python's unicodedata version (3.11: 14.0) count as "other" here
+  and as letters in `tokenizers`' newer regex tables (README, "Reliability").
 - Special-token strings inside raw text (e.g. a literal "</s>") are encoded as plain text, never
   turned into the special id (HF splits them out).
 """
@@ -108,6 +111,14 @@ def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
     return out
 
 
+def check_merge(pair, vocab, where) -> tuple[str, str]:
+    """A merge rule must join two vocabulary tokens into a third."""
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+            and all(p in vocab for p in (*pair, "".join(pair)))):
+        raise InputError(f"{where} is not a merge of two vocabulary tokens into one")
+    return tuple(pair)
+
+
 class ByteLevelBPETokenizer:
     """GPT-2 / RoBERTa tokenizer: bytes -> characters, pre-tokenise, then merge the lowest-rank pair until
     none of the word's adjacent pairs is in merges.txt."""
@@ -120,11 +131,16 @@ class ByteLevelBPETokenizer:
         self.cache: dict[str, list[str]] = {}
         missing = [c for c in BYTE_TO_CHAR.values() if c not in vocab]
         if missing:
-            raise InputError(f"{source}: vocab.json lacks the byte symbol {missing[0]!r} (and {len(missing) - 1} more)")
+            raise InputError(f"{source}: the vocabulary lacks the byte symbol {missing[0]!r} (and {len(missing) - 1} more)")
 
     @classmethod
     def from_dir(cls, directory):
+        """vocab.json + merges.txt, or when they are absent (transformers 5 saves only tokenizer.json) the
+        byte-level BPE model inside tokenizer.json."""
         vocab_path, merges_path = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+        json_path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(vocab_path) and not os.path.isfile(merges_path) and os.path.isfile(json_path):
+            return cls.from_tokenizer_json(json_path)
         vocab = t5.read_json(vocab_path)
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
             raise InputError(f"{vocab_path}: expected a JSON object mapping tokens to integer ids")
@@ -136,15 +152,34 @@ class ByteLevelBPETokenizer:
                 line = line.rstrip("\r\n")
                 if not line or (line_no == 1 and line.startswith("#version")):
                     continue
-                pair = tuple(line.split(" "))
-                if len(pair) != 2 or any(p not in vocab for p in (*pair, "".join(pair))):
-                    raise InputError(f"{merges_path}: line {line_no} {line!r} is not a merge of two vocab.json tokens into one")
-                merges.append(pair)
+                merges.append(check_merge(line.split(" "), vocab, f"{merges_path}: line {line_no} {line!r}"))
         return cls(vocab, merges, source=directory)
+
+    @classmethod
+    def from_tokenizer_json(cls, path):
+        """A `tokenizers` BPE tokenizer.json: model.vocab, model.merges ("a b" strings or [a, b] pairs, by rank);
+        added tokens missing from the vocabulary keep their ids, as HF adds them."""
+        raw = t5.read_json(path)
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            found = model.get("type") if isinstance(model, dict) else None
+            raise InputError(f"{path}: not a BPE tokenizer (model.type {found!r})")
+        for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                raise InputError(f"{path}: {key} {model[key]!r} is not byte-level BPE as GPT-2 / RoBERTa use it")
+        vocab = dict(model["vocab"])
+        for added in raw.get("added_tokens") or []:
+            if isinstance(added, dict) and isinstance(added.get("content"), str) and isinstance(added.get("id"), int):
+                vocab.setdefault(added["content"], added["id"])
+        if not all(isinstance(i, int) for i in vocab.values()):
+            raise InputError(f"{path}: model.vocab must map tokens to integer ids")
+        merges = [check_merge(m.split(" ") if isinstance(m, str) else m, vocab, f"{path}: merge {rank} {m!r}")
+                  for rank, m in enumerate(model.get("merges") or [])]
+        return cls(vocab, merges, source=path)
 
     def token_id(self, token: str) -> int:
         if token not in self.encoder:
-            raise InputError(f"{self.source}: vocab.json has no {token!r} token")
+            raise InputError(f"{self.source}: the vocabulary has no {token!r} token")
         return self.encoder[token]
 
     def bpe(self, word: str) -> list[str]:
@@ -415,12 +450,12 @@ def map_gpt2_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, to
 
 
 def load_gpt2(directory, device="cpu"):
-    """Hugging Face GPT-2 folder (config.json, *.safetensors, vocab.json, merges.txt) -> (model in eval
+    """Hugging Face GPT-2 folder (config.json, *.safetensors, vocab.json + merges.txt or tokenizer.json) -> (model in eval
     mode on `device`, tokenizer). Every key is checked (t5.load_strict)."""
     config = GPT2Config.from_json(os.path.join(directory, "config.json"))
     tokenizer = ByteLevelBPETokenizer.from_dir(directory)
     if max(tokenizer.decoder) >= config.vocab_size:
-        raise InputError(f"{directory}: vocab.json has id {max(tokenizer.decoder)}, beyond config vocab_size {config.vocab_size}")
+        raise InputError(f"{directory}: the tokenizer has id {max(tokenizer.decoder)}, beyond config vocab_size {config.vocab_size}")
     model = GPT2LMHeadModel(config)
     t5.load_strict(model, map_gpt2_keys(t5.load_safetensors(directory), directory), directory)
     return model.to(device).eval(), tokenizer

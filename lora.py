@@ -96,9 +96,22 @@ def _layers(model):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _targeted(model, targets):  # PEFT's rule: a list matches the last name, a string is a full-path regex
+def _targeted(model, targets):
+    """The nn.Linear modules `targets` names, by PEFT's rule (check_target_module_exists): a string is a regex
+    the whole module path must match ("all-linear": every nn.Linear but lm_head); a list entry names the
+    whole path or a dotted suffix of it ("q", "SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q")."""
+    if isinstance(targets, str) and targets.lower() != "all-linear":
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise InputError(f"target_modules {targets!r} is not a valid regular expression ({e})") from None
+    elif not isinstance(targets, str) and not all(isinstance(t, str) and t for t in targets):
+        raise InputError(f"target_modules {targets!r}: expected module names (strings)")
+
     def match(path):
-        return re.fullmatch(targets, path) if isinstance(targets, str) else path.rsplit(".", 1)[-1] in targets
+        if isinstance(targets, str):
+            return path != "lm_head" if targets.lower() == "all-linear" else pattern.fullmatch(path)
+        return path in targets or any(path.endswith("." + target) for target in targets)
     return [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and path and match(path)]
 
 

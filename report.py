@@ -3,13 +3,16 @@
 - `pareto_front`, `hypervolume`: the non-dominated per-objective score vectors of every evaluated
   weight vector (maximisation) and the exact volume they dominate above a reference point.
 - `pareto_report`, `format_report`, `format_evaluation`: what `search.py` stores in search.json and prints.
-- `search_svg`: Figure 5 without a plotting library — one panel per iteration of Algorithm 1, w1 on
-  the x axis, w2 on the y axis, the remaining weights as small multiples, colour = mean reward, the
-  sub-cube chosen for the next iteration outlined in red, the best mean marked on the colour bar.
+- `search_svg`: Figure 5 without a plotting library, for any d >= 2 — one panel per iteration of
+  Algorithm 1, w1 on the x axis, w2 on the y axis, one slice per value of (w3..wd) (d = 2: one slice;
+  d = 3: a row of three, one per w3 value; d = 4: a 3x3 block, columns w3, rows w4; d = 5: 9 rows of
+  three), colour = mean reward, the sub-cube chosen for the next iteration outlined in red (not after
+  the last iteration), the best weights ringed in red and their mean marked on the colour bar.
 
 Deviations from the paper / public code:
-- The paper draws Figure 5 with matplotlib as one 3-D scatter per iteration; here each panel is a row
-  of 2-D small multiples (one per value of w3..wd), drawn over that iteration's own bounds.
+- The paper draws Figure 5 with matplotlib as one 3-D scatter per iteration (d = 3); here each panel
+  is a block of 2-D small multiples (one per value of w3..wd), drawn over that iteration's own bounds,
+  so the same picture works for d = 2 and d >= 4.
 - The Pareto front and hypervolume are not in the paper (SPEC §8, beyond the paper).
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import itertools
 import math
 from xml.sax.saxutils import escape
+
+import t5
 
 
 # ----------------------------------------------------------------------------- Pareto
@@ -106,36 +111,76 @@ def colour(value, low, high) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def best_point(iterations):
+    """(row, point index) of Algorithm 1's best_weights in the history: per iteration the first maximal
+    mean (Alg. 1, line 10), kept only if strictly better than the best so far (lines 11-14). None if
+    nothing was decoded."""
+    best, best_mean = None, -math.inf
+    for row, it in enumerate(iterations):
+        means = [-math.inf if m is None else m for m in it["means"]]
+        i = means.index(max(means))
+        if means[i] > best_mean:
+            best, best_mean = (row, i), means[i]
+    return best
+
+
+def slice_grid(d):
+    """Where each slice (one value per axis w3..wd) goes in an iteration's block: (sub-row, column)
+    with column = the w3 value (lo, mid, hi) and sub-row = the values of w4..wd, lexicographic.
+    d = 2: one slice; d = 3: one row of three; d = 4: a 3x3 block; d = 5: 9 rows of three."""
+    if d == 2:
+        return {(): (0, 0)}
+    return {index: (sum(i * 3 ** k for k, i in enumerate(reversed(index[1:]))), index[0])
+            for index in itertools.product(range(3), repeat=d - 2)}
+
+
 def search_svg(iterations, names, size=150, gap=46) -> str:
-    """Figure 5 from `hierarchical_grid_search(...)["iterations"]`: a row per iteration, in it one
-    small multiple per value of (w3..wd) (one for d = 2), each a 3x3 grid of w1 (x) by w2 (y) over
-    that iteration's bounds; one circle (class "point") per grid point; colour = mean reward."""
+    """Figure 5 from `hierarchical_grid_search(...)["iterations"]`, for any d >= 2: a block per iteration
+    (class "panel"), in it one slice per value of (w3..wd) (see slice_grid), each a 3x3 grid of w1 (x) by
+    w2 (y) over that iteration's bounds; one circle (class "point") per grid point, colour = mean reward;
+    the sub-cube chosen for the next iteration outlined (class "chosen", none after the last iteration);
+    Algorithm 1's best point ringed (class "best") and its mean marked on the colour bar."""
     d = len(iterations[0]["bounds"])
+    if d < 2 or len(names) != d:
+        raise t5.InputError(f"search figure: needs d >= 2 objectives and one name per weight, got d={d}, names {list(names)}")
     means = [m for it in iterations for m in it["means"] if m is not None]
     low, high = (min(means), max(means)) if means else (0.0, 1.0)
-    columns, margin = 3 ** (d - 2), gap + 28  # margin: the iteration label and the y tick labels
-    width = margin + columns * (size + gap) + 90
-    height = 30 + len(iterations) * (size + gap + 12)
+    layout = slice_grid(d)
+    columns, sub_rows = min(3, len(layout)), max(r for r, _ in layout.values()) + 1
+    row_gap = max(gap, 22 + 12 * (d - 2))                # room for the tick labels and a title line per w3..wd
+    block = sub_rows * (size + row_gap) + 12
+    margin = gap + 28                                      # the iteration label and the y tick labels
+    width = max(margin + columns * (size + gap) + 90, 640)   # at least the width of the title
+    height = 44 + len(iterations) * block
+    rest_names = ", ".join(escape(n) for n in names[2:])
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
            f'<text x="{gap}" y="16" font-size="12">Hierarchical grid search (Algorithm 1): '
-           f'x = {escape(names[0])}, y = {escape(names[1])}, colour = mean reward</text>']
+           f'x = {escape(names[0])}, y = {escape(names[1])}, colour = mean reward</text>',
+           f'<text x="{gap}" y="30">' + (f'one slice per value of ({rest_names}) in each iteration; ' if d > 2 else '')
+           + 'red dashed box: region searched next; red ring: best weights</text>']
+    best = best_point(iterations)
     for row, it in enumerate(iterations):
-        top = 30 + row * (size + gap + 12)
-        bounds = it["bounds"]
+        top = 44 + row_gap - 22 + row * block   # the first slice's top; its title lines sit above it
         out.append(f'<g class="panel" id="iteration-{it["iteration"]}">')
-        out.append(f'<text x="14" y="{top + size / 2}" text-anchor="middle" transform="rotate(-90 14 {top + size / 2})">'
-                   f'iteration {it["iteration"]}</text>')
-        rest_axes = [(lo, (lo + hi) / 2, hi) for lo, hi in bounds[2:]]
-        for col, rest in enumerate(itertools.product(*rest_axes)):
-            left = margin + col * (size + gap)
-            out.append(_subpanel(it, rest, left, top, size, low, high, names))
+        if row:  # a rule between iterations: with d >= 4 an iteration is a block of several rows of slices
+            out.append(f'<line x1="4" x2="{width - 100}" y1="{top - row_gap + 12}" y2="{top - row_gap + 12}" stroke="#ccc"/>')
+        centre = top + (block - row_gap) / 2
+        out.append(f'<text x="14" y="{centre}" text-anchor="middle" transform="rotate(-90 14 {centre})">iteration {it["iteration"]}</text>')
+        axes = [(lo, (lo + hi) / 2, hi) for lo, hi in it["bounds"][2:]]
+        last = row == len(iterations) - 1
+        for index, (sub_row, col) in layout.items():
+            rest = tuple(axis[i] for axis, i in zip(axes, index))
+            out.append(_subpanel(it, rest, margin + col * (size + gap), top + sub_row * (size + row_gap), size, low, high,
+                                 names, None if last else it.get("next_bounds"), best[1] if best and best[0] == row else None))
         out.append("</g>")
-    out.append(_colourbar(width - 70, 30, low, high, max(means) if means else None))
+    out.append(_colourbar(width - 70, 44, low, high, max(means) if means else None))
     out.append("</svg>")
     return "\n".join(out)
 
 
-def _subpanel(it, rest, left, top, size, low, high, names) -> str:
+def _subpanel(it, rest, left, top, size, low, high, names, chosen, best) -> str:
+    """One slice: w1 x w2 at the given values `rest` of w3..wd; `chosen`: next bounds to outline or
+    None; `best`: index in it["points"] of the best point (ringed if it lies in this slice) or None."""
     (x0, x1), (y0, y1) = it["bounds"][0], it["bounds"][1]
     pad = 14
 
@@ -145,25 +190,28 @@ def _subpanel(it, rest, left, top, size, low, high, names) -> str:
     def y(v):
         return top + size - pad - (v - y0) / (y1 - y0) * (size - 2 * pad)
 
-    parts = [f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#888"/>']
-    title = ", ".join(f"{escape(n)}={v:.4g}" for n, v in zip(names[2:], rest))
-    if title:
-        parts.append(f'<text x="{left + size / 2}" y="{top - 4}" text-anchor="middle">{title}</text>')
+    parts = ['<g class="slice">', f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#888"/>']
+    for line, (name, value) in enumerate(reversed(list(zip(names[2:], rest)))):  # w3 on top, wd nearest the slice
+        parts.append(f'<text class="title" x="{left + size / 2}" y="{top - 4 - 12 * line}" text-anchor="middle">'
+                     f'{escape(name)} = {value:.4g}</text>')
     for v in (x0, (x0 + x1) / 2, x1):
         parts.append(f'<text x="{x(v):.1f}" y="{top + size + 11}" text-anchor="middle">{v:.4g}</text>')
     for v in (y0, (y0 + y1) / 2, y1):
         parts.append(f'<text x="{left - 2}" y="{y(v) + 3:.1f}" text-anchor="end">{v:.4g}</text>')
-    chosen = it.get("next_bounds")
     if chosen and all(lo <= r <= hi for r, (lo, hi) in zip(rest, chosen[2:])):
         (cx0, cx1), (cy0, cy1) = chosen[0], chosen[1]
         parts.append(f'<rect class="chosen" x="{x(cx0) - 6:.1f}" y="{y(cy1) - 6:.1f}" width="{x(cx1) - x(cx0) + 12:.1f}" '
                      f'height="{y(cy0) - y(cy1) + 12:.1f}" fill="none" stroke="red" stroke-width="1.5" stroke-dasharray="4 2"/>')
-    for point, mean in zip(it["points"], it["means"]):
+    for i, (point, mean) in enumerate(zip(it["points"], it["means"])):
         if tuple(point[2:]) != tuple(rest):
             continue
         label = "w=(" + ",".join(f"{w:.4g}" for w in point) + ") " + ("not decoded (w = 0)" if mean is None else f"mean {mean:.4f}")
         parts.append(f'<circle class="point" cx="{x(point[0]):.1f}" cy="{y(point[1]):.1f}" r="7" fill="{colour(mean, low, high)}" '
                      f'stroke="#333" stroke-width="0.5"><title>{escape(label)}</title></circle>')
+        if i == best:
+            parts.append(f'<circle class="best" cx="{x(point[0]):.1f}" cy="{y(point[1]):.1f}" r="11" fill="none" stroke="red" '
+                         f'stroke-width="2"><title>best weights: {escape(label)}</title></circle>')
+    parts.append("</g>")
     return "\n".join(parts)
 
 

@@ -1,29 +1,38 @@
 """Self-critical sequence training (SCST) with a KL penalty, one LoRA adapter per objective.
 
-Paper: §4 (training stage), §5.2 (implementation), Eq. (4) (LoRA); SPEC §2 has every number.
-For each training prompt: sample k = 3 responses with the adapter on (temperature 1, ≤ 64 tokens),
-score them, baseline b = mean of the k rewards, advantage A_j = b − r_j, and minimise
+Paper: §4 (training stage), §5.2 (implementation), Eq. (4) (LoRA); SPEC §2 has every number; where the
+paper is silent this follows the authors' el_training.py (README "Fidelity to the authors' code").
+For each training prompt: sample k = 3 responses with the adapter on (temperature 1, top-50, ≤ 64
+tokens), score them, reward r = Σ_i w_i log clip(s_i, 1e-4, 0.9999) ("logsum", one term for a single
+objective), baseline b = mean of the k rewards, advantage A_j = b − r_j, and minimise
 
     loss = mean_j [ A_j · Σ_t log π(y_t | y_<t, x)  +  β · Σ_t KL(π(·|y_<t, x) ‖ π_ref(·|y_<t, x)) ]
 
-where π_ref is the same T5 with every adapter disabled (no second model in memory) and the sums run
-over the sample's real tokens (up to and including the first `</s>`).
+where π_ref is the same T5 with every adapter disabled (no second model in memory), log π is the full
+softmax's (recomputed by teacher forcing, not the top-k sampler's) and the sums run over the sample's
+real tokens (up to and including the first `</s>`). Validation every 8 steps from step 8: k sampled
+responses per aggregation prompt, eval mode; convergence when the CV of the last 20 validation rewards
+(mean of the trained objectives' clipped scores) is < 0.015. DynaOpt: class DynaOpt (two Exp3 bandits).
 
 Deviations from the paper / public code:
-- The public code computes its KL term under `no_grad`, so it never reaches the gradient. Here the KL
-  carries gradient, and it is the *full-distribution* KL at every generated position (exact, not the
-  one-sample estimate log π(y_t) − log π_ref(y_t)), which is zero with zero gradient at step 0.
-- DynaOpt's Exp3 bandit acts at every validation (every 8 steps): it draws an objective, is paid the
-  improvement of that objective's validation score since the previous validation, and the training
-  reward weights are the bandit's current probabilities.
-- The validation reward used by the convergence rule is the mean of the scores the run trains on
-  (one score for a single objective, the 1/3-weighted mean for uniform / dynaopt), because the
-  "logsum" combination is negative and has no meaningful coefficient of variation.
-- T5's own dropout is off during RL (as in TRL's PPO); the LoRA dropout (0.05) stays on.
-- Batches are drawn from a seeded reshuffle of the training split each epoch (public code: file order).
+- The public code computes its KL term under `no_grad` (and multiplies it by zero-mean advantages),
+  so it never reaches the gradient. Here the KL carries gradient, and it is the *full-distribution*
+  KL at every generated position (exact, not the one-sample estimate), zero with zero gradient at step 0.
+- log π sums the sampled tokens including `</s>`; the public code re-tokenises the text and excludes it.
+- T5's own dropout is off during RL (sampling in eval mode, the loss pass with the LoRA dropout only);
+  the public code samples and validates with all dropout on. Validation here is in eval mode.
+- Convergence is checked after every validation; the public code only leaves its loop at an epoch's end.
+- Validation covers the whole aggregation split (the public code drops the last incomplete batch).
+- DynaOpt's outer bandit is paid the mean change of the *trained* objectives' validation scores since
+  the previous validation (the public code: all 5 of its validation scores, coherence and specificity
+  included, against the last 8 per-sample scores of the previous validation); the reward weights are
+  the inner bandit's normalised weights from the first step (the public code keeps weight 1.0 per
+  objective until its outer bandit first draws an objective arm).
+- Batches are a seeded reshuffle of the training split per epoch (the public code: a RandomSampler).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -42,7 +51,8 @@ from data import encode_prompts
 from t5 import InputError
 
 SINGLE_OBJECTIVES = rewards.OBJECTIVES                    # ("reflection", "empathy", "fluency")
-OBJECTIVES = SINGLE_OBJECTIVES + ("uniform", "dynaopt")
+MULTI_OBJECTIVE = ("uniform", "dynaopt")
+OBJECTIVES = SINGLE_OBJECTIVES + MULTI_OBJECTIVE
 
 
 # ----------------------------------------------------------------------------- pure maths
@@ -75,17 +85,39 @@ def scst_loss(sampled_logprobs, kl, mask, advantages, beta: float) -> torch.Tens
     return (advantages * sequence_logprob + beta * sequence_kl).mean()
 
 
-def converged(history: list[float], window: int = 20, tolerance: float = 0.015) -> bool:
-    """Early stop: coefficient of variation (population std / mean) of the last `window` validation rewards."""
+def coefficient_of_variation(history: list[float], window: int = 20) -> float | None:
+    """Population std / |mean| of the last `window` validation rewards; None before `window` of them."""
     if len(history) < window:
-        return False
+        return None
     last = torch.tensor(history[-window:], dtype=torch.float64)
     mean = last.mean().item()
-    return mean != 0 and last.std(unbiased=False).item() / abs(mean) < tolerance
+    return math.inf if mean == 0 else last.std(unbiased=False).item() / abs(mean)
+
+
+def converged(history: list[float], window: int = 20, tolerance: float = 0.015) -> bool:
+    """Early stop (authors' check_convergence): CV of the last `window` validation rewards < tolerance."""
+    cv = coefficient_of_variation(history, window)
+    return cv is not None and cv < tolerance
+
+
+def trained_objectives(args) -> list[str]:
+    """The scores a run's reward is made of: its one objective, or --objectives for uniform / dynaopt."""
+    if args.objective in MULTI_OBJECTIVE:
+        objectives = getattr(args, "objectives", None) or SINGLE_OBJECTIVES
+        return objectives.split(",") if isinstance(objectives, str) else list(objectives)
+    return [args.objective]
+
+
+def combine_rewards(scores: torch.Tensor, weights: list[float], combine: str) -> torch.Tensor:
+    """scores [N, d] -> rewards [N]: 'logsum' = Σ w_i log clip(s_i, 1e-4, 0.9999), the public code's
+    ScorerWrapper, for a single objective too (w = [1]); 'mean' = Σ w_i s_i (raw scores)."""
+    if combine == "logsum":
+        return rewards.combine_logsum(scores, weights)
+    return rewards.combine_mean(scores, weights)
 
 
 class Exp3:
-    """Exp3 adversarial bandit over the objectives (DynaOpt, Pérez-Rosas et al. 2024), γ = 0.07."""
+    """Exp3 adversarial bandit (the authors' dynaopt_lib/bandit_alg.py), γ = 0.07, rewards not rescaled."""
 
     def __init__(self, num_arms: int, gamma: float = 0.07):
         self.gamma, self.weights = gamma, [1.0] * num_arms
@@ -102,18 +134,37 @@ class Exp3:
         self.weights[arm] *= math.exp(self.gamma * estimated / len(self.weights))
 
 
-def trained_objectives(args) -> list[str]:
-    """The scores a run's reward is made of: args.objective alone, or args.objectives for uniform / dynaopt."""
-    return list(args.objectives) if args.objective in ("uniform", "dynaopt") else [args.objective]
+class DynaOpt:
+    """DynaOpt as the authors run it (el_training.py, utils_scoring.py): an outer Exp3 over d + 1 arms
+    (each objective, then "no change") drawn before training and after every validation, paid the mean
+    change of the objectives' validation scores; an inner Exp3 over d arms paid 1 for the drawn arm at
+    every training step (nothing on "no change"); reward weights = inner weights / their sum."""
 
+    def __init__(self, num_objectives: int, gamma: float, seed: int):
+        self.outer, self.inner = Exp3(num_objectives + 1, gamma), Exp3(num_objectives, gamma)
+        self.rng = random.Random(seed)
+        self.arm = self.outer.choose(self.rng)                # drawn before training
 
-def combine_rewards(scores: torch.Tensor, weights: list[float], combine: str) -> torch.Tensor:
-    """scores [N, d] -> rewards [N]; a single objective's reward is its raw score; several are combined
-    by 'logsum' = Σ w_i log clip(s_i) (public code) or 'mean' = Σ w_i s_i."""
-    if scores.shape[1] == 1:
-        return scores[:, 0]
-    w = torch.tensor(weights, dtype=scores.dtype, device=scores.device)
-    return rewards.combine_logsum(scores, w) if combine == "logsum" else rewards.combine_mean(scores, w)
+    def step_weights(self) -> list[float]:
+        """Called once per training step, before its reward: bump the drawn arm, return the weights."""
+        if self.arm < len(self.inner.weights):
+            self.inner.update(self.arm, 1.0)
+        total = sum(self.inner.weights)
+        return [w / total for w in self.inner.weights]
+
+    def validation(self, change: float):
+        """Pay the arm drawn since the last validation, draw the next one."""
+        self.outer.update(self.arm, change)
+        self.arm = self.outer.choose(self.rng)
+
+    def state(self) -> dict:
+        return {"outer": list(self.outer.weights), "inner": list(self.inner.weights), "arm": self.arm,
+                "rng": self.rng.getstate()}
+
+    def load(self, state: dict):
+        self.outer.weights, self.inner.weights = list(state["outer"]), list(state["inner"])
+        self.arm = state["arm"]
+        self.rng.setstate(_as_tuple(state["rng"]))
 
 
 # ----------------------------------------------------------------------------- model passes
@@ -133,17 +184,28 @@ def score(scorers: dict, names, prompts, responses) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def validation_seed(seed: int, step: int) -> int:
+    """A validation's own sampling seed: the same for a given (seed, step), whatever ran before it."""
+    return int(hashlib.sha256(f"validation {seed} {step}".encode()).hexdigest()[:15], 16)
+
+
 @torch.no_grad()
-def validate(model, tokenizer, scorers, prompts, batch_size, device) -> dict[str, float]:
-    """Greedy decoding on fixed validation batches; mean score per objective."""
-    totals = {name: 0.0 for name in scorers}
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        tokens, _ = t5.generate(model, *encode_prompts(tokenizer, batch, device))
-        scores = score(scorers, list(scorers), batch, tokenizer.batch_decode(tokens))
-        for i, name in enumerate(scorers):
-            totals[name] += scores[:, i].sum().item()
-    return {name: total / len(prompts) for name, total in totals.items()}
+def validate(model, tokenizer, scorers, prompts, args, step: int) -> dict[str, float]:
+    """The authors' validation: k sampled responses per prompt (top-k, temperature 1) on every given
+    prompt, mean clipped score per objective. Eval mode (no dropout) and a generator seeded from
+    (seed, step), so the same model gives the same numbers, after a resume too."""
+    model.eval()
+    generator = torch.Generator(device=args.device).manual_seed(validation_seed(args.seed, step))
+    k, names = args.samples_per_prompt, list(scorers)
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        tokens, _ = t5.generate(model, *encode_prompts(tokenizer, batch, args.device, repeat=k), do_sample=True,
+                                temperature=1.0, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                generator=generator)
+        scores = score(scorers, names, [p for p in batch for _ in range(k)], tokenizer.batch_decode(tokens))
+        totals += scores.clamp(rewards.CLIP_MIN, rewards.CLIP_MAX).double().sum(0)
+    return {name: (total / (len(prompts) * k)).item() for name, total in zip(names, totals)}
 
 
 def adapter_dropout_only(model):
@@ -155,16 +217,16 @@ def adapter_dropout_only(model):
             module.train()
 
 
-def scst_step(model, tokenizer, scorers, optimizer, prompts, weights, args, generator) -> dict:
-    """One SCST update on a batch of prompts; returns the step's statistics."""
-    device, k, names = args.device, args.samples_per_prompt, trained_objectives(args)
+def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, float], args, generator) -> dict:
+    """One SCST update on a batch of prompts with reward weights {objective: w}; returns its statistics."""
+    device, k, names = args.device, args.samples_per_prompt, list(weights)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device, repeat=k)
     model.eval()                                           # sampling: no dropout
-    tokens, _ = t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0,
+    tokens, _ = t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, generator=generator)
     responses = tokenizer.batch_decode(tokens)
     scores = score(scorers, names, [p for p in prompts for _ in range(k)], responses)
-    reward = combine_rewards(scores, weights, args.combine).to(device)
+    reward = combine_rewards(scores, [weights[n] for n in names], args.combine).to(device)
     advantages = scst_advantages(reward.view(len(prompts), k)).view(-1)
     decoder_input_ids = shift_right(tokens, model.config.decoder_start_token_id)
     adapter_dropout_only(model)
@@ -178,22 +240,45 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights, args, gene
     loss.backward()
     torch.nn.utils.clip_grad_norm_(lora.adapter_parameters(model, args.objective), args.grad_clip)
     optimizer.step()
+    model.eval()                                           # nothing downstream sees the LoRA dropout
     return {"loss": loss.item(), "reward": reward.mean().item(),
             "kl": ((kl * mask).sum(1)).mean().item(), "tokens": mask.sum(1).mean().item()}
 
 
 # ----------------------------------------------------------------------------- the training loop
+RESULT_SETTINGS = ("objective", "objectives", "seed", "batch_size", "samples_per_prompt", "max_new_tokens", "lr",
+                   "beta", "grad_clip", "val_every", "cv_window", "cv_tolerance", "combine", "gamma", "top_k")
+
+
+def run_settings(args, model, train_examples, validation_prompts) -> dict:
+    """Everything a resumed run must share with its start for the result to be the uninterrupted one."""
+    settings = {key: getattr(args, key, None) for key in RESULT_SETTINGS}
+    settings["objectives"] = trained_objectives(args)
+    text = "\n".join([e.prompt for e in train_examples] + ["--- validation ---"] + list(validation_prompts))
+    settings["data"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    fingerprint = lora.base_fingerprint(model)
+    settings["policy"] = [fingerprint["shapes"], [[round(x, 3) for x in probe] for probe in fingerprint["probes"]]]
+    return settings
+
+
+def _flag(key: str) -> str:
+    return {"objective": "the objective", "objectives": "--objectives", "policy": "--policy (the base model)",
+            "data": "the training/validation prompts (--data, --sample, --split-seed, --val-prompts)"}.get(
+        key, "--" + key.replace("_", "-"))
+
+
 class TrainingRun:
-    """Everything a run must carry across a kill -9: step, data cursor, validation history, bandit,
-    RNG states, optimiser and adapter. Saved atomically at every validation."""
+    """Everything a run must carry across a kill -9: step, data cursor, validation history, DynaOpt's
+    bandits, RNG states, optimiser and adapter. Saved atomically at every validation."""
 
-    CARRIED = ("step", "epoch", "cursor", "elapsed", "history", "validations", "converged", "bandit_arm", "log_sizes")
+    CARRIED = ("step", "epoch", "cursor", "elapsed", "history", "validations", "converged", "log_sizes")
 
-    def __init__(self, run_dir: str, args, num_train: int):
-        self.run_dir, self.args, self.num_train = run_dir, args, num_train
+    def __init__(self, run_dir: str, args, num_train: int, settings: dict):
+        self.run_dir, self.args, self.num_train, self.settings = run_dir, args, num_train, settings
+        self.objectives = trained_objectives(args)
         self.step, self.epoch, self.cursor, self.elapsed = 0, 0, 0, 0.0
-        self.history, self.validations, self.converged = [], [], False
-        self.bandit, self.bandit_arm, self.bandit_rng = Exp3(len(trained_objectives(args)), args.gamma), None, random.Random(args.seed)
+        self.history, self.validations, self.converged = [], [], False   # history: the CV rule's window
+        self.dynaopt = DynaOpt(len(self.objectives), args.gamma, args.seed) if args.objective == "dynaopt" else None
         self.log_sizes = {"train.jsonl": 0, "train.log": 0}
 
     # --- data order: a seeded reshuffle per epoch, a cursor into it
@@ -209,49 +294,78 @@ class TrainingRun:
                 self.epoch, self.cursor = self.epoch + 1, 0
         return batch
 
-    def reward_weights(self) -> list[float]:
-        if self.args.objective == "dynaopt":
-            return self.bandit.probabilities()
-        return [1.0 / len(trained_objectives(self.args))] * len(trained_objectives(self.args))
+    def reward_weights(self) -> dict[str, float]:
+        """This step's reward weights (DynaOpt: its inner bandit moves at every call, once per step)."""
+        d = len(self.objectives)
+        weights = self.dynaopt.step_weights() if self.dynaopt else [1.0 / d] * d
+        return dict(zip(self.objectives, weights))
 
-    def record_validation(self, scores: dict[str, float]) -> float:
-        names = trained_objectives(self.args)
-        reward = sum(scores[n] for n in names) / len(names)
-        if self.args.objective == "dynaopt":                 # Exp3: pay the arm drawn last time
-            if self.bandit_arm is not None and self.validations:
-                arm_name = names[self.bandit_arm]
-                self.bandit.update(self.bandit_arm, scores[arm_name] - self.validations[-1]["scores"][arm_name])
-            self.bandit_arm = self.bandit.choose(self.bandit_rng)
-        self.history.append(reward)
+    def record_validation(self, scores: dict[str, float]) -> dict:
+        """Validation reward = mean of the trained objectives' clipped scores (authors' el_training.py);
+        the step-0 validation is logged for the curve but stays out of the CV window and the bandit."""
+        reward = sum(scores[n] for n in self.objectives) / len(self.objectives)
+        record = {"type": "validation", "step": self.step, "reward": reward, "scores": scores}
+        if self.step > 0:
+            counted = [v for v in self.validations if v["step"] > 0]
+            if self.dynaopt:                                  # pay the arm drawn since the last validation
+                previous = counted[-1]["scores"] if counted else None
+                change = sum(scores[n] - previous[n] for n in self.objectives) / len(self.objectives) if previous else 0.0
+                paid_arm = self.dynaopt.arm
+                self.dynaopt.validation(change)
+                record["dynaopt"] = {"paid_arm": self._arm_name(paid_arm), "paid": change,
+                                     "next_arm": self._arm_name(self.dynaopt.arm),
+                                     "outer_probabilities": self.dynaopt.outer.probabilities()}
+            self.history.append(reward)
+            self.converged = converged(self.history, self.args.cv_window, self.args.cv_tolerance)
         self.validations.append({"step": self.step, "scores": scores, "reward": reward})
-        self.converged = converged(self.history, self.args.cv_window, self.args.cv_tolerance)
-        return reward
+        return record
+
+    def _arm_name(self, arm: int) -> str:
+        return self.objectives[arm] if arm < len(self.objectives) else "no change"
 
     # --- checkpoint
     def save(self, model, optimizer, generator):
         state = {key: getattr(self, key) for key in self.CARRIED}
-        state["bandit_weights"], state["bandit_rng"] = self.bandit.weights, self.bandit_rng.getstate()
-        checkpoint = {"state": state, "adapter": {n: p.detach().cpu() for n, p in adapter_tensors(model, self.args.objective)},
+        state["dynaopt"] = self.dynaopt.state() if self.dynaopt else None
+        checkpoint = {"settings": self.settings, "state": state,
+                      "adapter": {n: p.detach().cpu() for n, p in adapter_tensors(model, self.args.objective)},
                       "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "generator": generator.get_state()}
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         t5.atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), buffer.getvalue())
 
     def restore(self, model, optimizer, generator) -> bool:
+        """Load checkpoint.pt if there is one; refuse it (InputError naming the setting) if it was made
+        with settings that change the result. Without one, a fresh run starts fresh logs."""
         path = os.path.join(self.run_dir, "checkpoint.pt")
         if not os.path.exists(path):
+            for log_name in self.log_sizes:                   # leftovers of a run killed before its first checkpoint
+                if os.path.exists(os.path.join(self.run_dir, log_name)):
+                    os.remove(os.path.join(self.run_dir, log_name))
             return False
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            saved, state = checkpoint.get("settings"), checkpoint["state"]
         except Exception as e:                                # noqa: BLE001 - any unpickling failure
             raise InputError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart the run") from None
-        state = checkpoint["state"]
+        if saved is None:
+            raise InputError(f"{path}: written by an older emorl without its settings; delete {self.run_dir} to restart")
+        for key, value in self.settings.items():
+            if saved.get(key) != value:
+                what = (f"{_flag(key)} changed since this run started" if key in ("data", "policy") else
+                        f"this run was started with {_flag(key)} {saved.get(key)}, not {value}")
+                raise InputError(f"{path}: {what}; resume with the same settings or delete {self.run_dir}")
+        if self.args.max_steps < state["step"]:
+            raise InputError(f"{path}: --max-steps {self.args.max_steps} is below the {state['step']} steps already done")
         for key in self.CARRIED:
             setattr(self, key, state[key])
-        self.bandit.weights = list(state["bandit_weights"])
-        self.bandit_rng.setstate(_as_tuple(state["bandit_rng"]))
+        if self.dynaopt:
+            self.dynaopt.load(state["dynaopt"])
+        expected = dict(adapter_tensors(model, self.args.objective))
+        if set(checkpoint["adapter"]) != set(expected):
+            raise InputError(f"{path}: its adapter tensors do not match adapter '{self.args.objective}' of this model")
         with torch.no_grad():
-            for name, parameter in adapter_tensors(model, self.args.objective):
+            for name, parameter in expected.items():
                 parameter.copy_(checkpoint["adapter"][name])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -270,6 +384,13 @@ class TrainingRun:
             self.log_sizes[log_name] = os.path.getsize(os.path.join(self.run_dir, log_name))
         tqdm.write(line)
 
+    def progress(self) -> str:
+        """What the progress bar can honestly say: validations so far and the CV against the tolerance."""
+        cv = coefficient_of_variation(self.history, self.args.cv_window)
+        rule = (f"CV {cv:.4f} (stops < {self.args.cv_tolerance})" if cv is not None else
+                f"CV from validation {self.args.cv_window}")
+        return f"{len(self.history)} validations, {rule}, max {self.args.max_steps} steps"
+
 
 def _as_tuple(value):
     """random.Random.setstate needs tuples back where the checkpoint format gave lists."""
@@ -283,11 +404,13 @@ def adapter_tensors(model, name: str):
 def train(model, tokenizer, scorers: dict, train_examples: list, validation_prompts: list, args, run_dir: str) -> dict:
     """Train adapter `args.objective` until the convergence rule or args.max_steps; resumable.
 
-    `scorers` must hold every single objective's scorer (validation records all of them)."""
+    `scorers` must hold every trained objective's scorer (validation records all of them)."""
     if not train_examples:
         raise InputError("the training split is empty: give more data or a larger --sample")
     if not validation_prompts:
         raise InputError("the validation (aggregation) split is empty: give more data or a larger --sample")
+    if args.top_k < 0:
+        raise InputError(f"--top-k {args.top_k}: must be 0 (the full softmax) or a positive number of tokens")
     os.makedirs(run_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     if args.objective not in lora.adapter_names(model):
@@ -295,46 +418,54 @@ def train(model, tokenizer, scorers: dict, train_examples: list, validation_prom
     lora.set_adapter(model, args.objective)
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model, args.objective), lr=args.lr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    run = TrainingRun(run_dir, args, len(train_examples))
-    resumed = run.restore(model, optimizer, generator)
-    if resumed:
-        tqdm.write(f"resuming {run_dir} at step {run.step} ({len(run.history)} validations so far)")
+    run = TrainingRun(run_dir, args, len(train_examples), run_settings(args, model, train_examples, validation_prompts))
+    if run.restore(model, optimizer, generator):
+        tqdm.write(f"resuming {run_dir} at step {run.step} ({len(run.validations)} validations so far)")
     started = time.time() - run.elapsed
 
     def validate_and_log():
-        scores = validate(model, tokenizer, scorers, validation_prompts, args.batch_size, args.device)
-        reward = run.record_validation(scores)
+        validation_start = time.time()
+        scores = validate(model, tokenizer, scorers, validation_prompts, args, run.step)
+        record = run.record_validation(scores)
         run.elapsed = time.time() - started
         text = " ".join(f"{n} {v:.4f}" for n, v in scores.items())
-        run.log({"type": "validation", "step": run.step, "reward": reward, "scores": scores,
-                 "data_points": run.step * args.batch_size, "seconds": round(run.elapsed, 3)},
-                f"val  {run.step}/{args.max_steps} | reward {reward:.4f} | {text} | {run.elapsed:.1f}s")
+        run.log({**record, "data_points": run.step * args.batch_size, "prompts": len(validation_prompts),
+                 "samples": len(validation_prompts) * args.samples_per_prompt, "seconds": round(run.elapsed, 3),
+                 "validation_seconds": round(time.time() - validation_start, 3)},
+                f"val  {run.step} | reward {record['reward']:.4f} | {text} | "
+                f"{len(validation_prompts)} prompts x {args.samples_per_prompt} | {run.elapsed:.1f}s")
         run.save(model, optimizer, generator)
 
-    if not run.history:
-        validate_and_log()                                    # step 0: the base model's validation reward
-    bar = tqdm(total=args.max_steps, initial=run.step, desc=f"train {args.objective}", dynamic_ncols=True)
+    if not run.validations:
+        validate_and_log()                                    # step 0: the base model, for the curve only
+    bar = tqdm(initial=run.step, unit="step", desc=f"train {args.objective}", dynamic_ncols=True)
+    bar.set_postfix_str(run.progress())
     while run.step < args.max_steps and not run.converged:
         step_start = time.time()
         batch = run.next_batch(train_examples)
-        stats = scst_step(model, tokenizer, scorers, optimizer, [e.prompt for e in batch], run.reward_weights(), args, generator)
+        weights = run.reward_weights()
+        stats = scst_step(model, tokenizer, scorers, optimizer, [e.prompt for e in batch], weights, args, generator)
         run.step += 1
         bar.update(1)
-        run.log({"type": "step", "step": run.step, **stats, "data_points": run.step * args.batch_size,
-                 "seconds": round(time.time() - step_start, 3)},
-                f"step {run.step}/{args.max_steps} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | "
+        arm = {"arm": run._arm_name(run.dynaopt.arm)} if run.dynaopt else {}
+        run.log({"type": "step", "step": run.step, **stats, "weights": weights, **arm,
+                 "data_points": run.step * args.batch_size, "seconds": round(time.time() - step_start, 3)},
+                f"step {run.step} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | "
                 f"kl {stats['kl']:.4f} | {time.time() - step_start:.2f}s")
         if run.step % args.val_every == 0:
             validate_and_log()
+            bar.set_postfix_str(run.progress())
     bar.close()
     run.elapsed = time.time() - started
     lora.save_adapter(model, args.objective, os.path.join(run_dir, "adapter"), base_model_name_or_path=args.policy)
-    summary = {"objective": args.objective, "objectives": trained_objectives(args), "seed": args.seed, "steps": run.step,
+    summary = {"objective": args.objective, "objectives": run.objectives, "seed": args.seed, "steps": run.step,
                "data_points": run.step * args.batch_size, "wall_seconds": round(run.elapsed, 2),
                "converged": run.converged, "initial_validation": run.validations[0]["scores"],
-               "final_validation": run.validations[-1]["scores"], "final_reward": run.history[-1],
-               "initial_reward": run.history[0], "validations": len(run.history), "policy": args.policy,
+               "final_validation": run.validations[-1]["scores"], "final_reward": run.validations[-1]["reward"],
+               "initial_reward": run.validations[0]["reward"], "validations": len(run.validations),
+               "validation_prompts": len(validation_prompts), "policy": args.policy,
                "hyperparameters": {k: getattr(args, k) for k in ("batch_size", "samples_per_prompt", "lr", "beta",
-                                                                 "grad_clip", "max_steps", "val_every", "combine")}}
+                                                                 "grad_clip", "max_steps", "val_every", "combine",
+                                                                 "top_k", "gamma", "cv_window", "cv_tolerance")}}
     t5.write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary

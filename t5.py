@@ -26,7 +26,9 @@ Deviations from Hugging Face / the public code:
 - HF 5.x writes `tie_word_embeddings: true` for every T5 and keeps the v1.0 / v1.1 difference in
   `scale_decoder_outputs`; the config carries both fields (`scale_decoder_outputs` defaults to
   `tie_word_embeddings`, which is what HF 4.x checkpoints mean), and a "tied" checkpoint whose
-  lm_head.weight differs from shared.weight is loaded untied, as HF 5.x does;
+  lm_head.weight differs from shared.weight is loaded untied, as HF 5.x does. The rule follows
+  config.json's model_type as HF 5.x does: "t5" as above, "mt5" never rescales (HF's MT5 has no rescale),
+  any other family (umt5, longt5, ...) is refused;
 - untied input embeddings (encoder/decoder.embed_tokens != shared) are refused, not loaded.
 """
 from __future__ import annotations
@@ -59,11 +61,14 @@ def read_json(path):
         raise InputError(f"{path}: malformed JSON ({e})") from None
 
 
+TEMPORARY_PREFIX = ".tmp-"  # atomic_write's temporary files: .tmp-<name><random>, renamed to <name> when whole
+
+
 def atomic_write(path, data: bytes | str):
     """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX + os.path.basename(path))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would have
@@ -77,6 +82,39 @@ def atomic_write(path, data: bytes | str):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(folder, names=None) -> list[str]:
+    """Delete the temporary files a kill between write and rename left in `folder`: every .tmp-* file,
+    or only those of the files named in `names` when the folder is shared (e.g. the working directory).
+    Call it at start-up of the run that owns these files. Returns the removed paths."""
+    if not os.path.isdir(folder):
+        return []
+    prefixes = [TEMPORARY_PREFIX + name for name in names] if names is not None else [TEMPORARY_PREFIX]
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if any(entry.startswith(p) for p in prefixes) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def check_writable(folder, what=None):
+    """Fail early (InputError naming `what`, e.g. "--out search.json") unless `folder` can be created and
+    written: probe its nearest existing ancestor with a real temporary file, so a read-only mount counts
+    even for root."""
+    what = what or f"output folder {folder}"
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{what}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=TEMPORARY_PREFIX + "probe"):
+            pass
+    except OSError as e:
+        raise InputError(f"{what}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def write_json(path, obj):
@@ -106,18 +144,19 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None):
+    """Write a .safetensors file atomically; the same tensors and metadata always give the same bytes."""
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    # safetensors writes the metadata in a random (hash) order: sort it, so the same tensors give the same bytes.
+    # The library keeps __metadata__ in a hash map whose order changes from process to process: rewrite
+    # the JSON header with those keys sorted (the tensor entries and the data offsets stay as they are).
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + size])
     if "__metadata__" in header:
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= size:                                     # same keys and values: same length
-            data = data[:8] + text.ljust(size) + data[8 + size:]
-    atomic_write(path, data)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    atomic_write(path, len(text).to_bytes(8, "little") + text + data[8 + size:])
 
 
 def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str):
@@ -171,6 +210,13 @@ class T5Config:
     def from_json(cls, path):
         """Read a Hugging Face T5 config.json. Unknown keys (HF writes many) are ignored."""
         raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a JSON object")
+        family = raw.get("model_type", "t5")
+        if family not in ("t5", "mt5"):
+            raise InputError(f"{path}: model_type {family!r} is not supported (t5, mt5)")
+        if family == "mt5":  # HF's MT5 never rescales the decoder output, whatever tie_word_embeddings says
+            raw["scale_decoder_outputs"] = False
         for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
             if not isinstance(raw.get(key), int) or raw[key] <= 0:
                 raise InputError(f"{path}: key {key} must be a positive integer, got {raw.get(key)!r}")
@@ -526,7 +572,9 @@ class T5Tokenizer:
         import sentencepiece
 
         if not os.path.isfile(spiece_model_path):
-            raise InputError(f"{spiece_model_path}: file not found")
+            hint = os.path.isfile(os.path.join(os.path.dirname(spiece_model_path), "tokenizer.json"))
+            raise InputError(f"{spiece_model_path}: file not found" + (" (transformers 5 saves only tokenizer.json: copy "
+                             "spiece.model from the original checkpoint)" if hint else ""))
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(spiece_model_path)

@@ -101,7 +101,7 @@ def main():
     ours.to(cli.device)
     hf_model.to(cli.device)
     args = argparse.Namespace(objective="bench", device=cli.device, samples_per_prompt=3, max_new_tokens=64, beta=0.05,
-                              grad_clip=2.0, combine="mean")
+                              grad_clip=2.0, combine="mean", top_k=0)              # HF side samples with top_k=0 too
     tokenizer = FixedTokenizer(hf_config.vocab_size)
     prompts = [f"prompt {i}" for i in range(16)]
 
@@ -109,10 +109,9 @@ def main():
     ours_optimizer = torch.optim.AdamW(lora.adapter_parameters(ours, "bench"), lr=1e-4)
     generator = torch.Generator(device=cli.device).manual_seed(cli.seed)
     scorers = {"bench": stand_in_scorer}
-    scst.trained_objectives = lambda objective: [objective]   # the stand-in scorer is the one objective
 
     def ours_step():
-        scst.scst_step(ours, tokenizer, scorers, ours_optimizer, prompts, [1.0], args, generator)
+        scst.scst_step(ours, tokenizer, scorers, ours_optimizer, prompts, {"bench": 1.0}, args, generator)
 
     peft_model = get_peft_model(hf_model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
                                                      task_type="SEQ_2_SEQ_LM"))

@@ -28,8 +28,10 @@ PAIR_COLUMNS = ("prompt", "hq1", "hq2", "mq1", "lq1", "lq2", "lq3", "lq4", "lq5"
 RESPONSE_COLUMNS = PAIR_COLUMNS[1:]
 LEVELS = {"hq1": 2, "hq2": 2, "mq1": 1, "lq1": 0, "lq2": 0, "lq3": 0, "lq4": 0, "lq5": 0}
 EMPATHY_COLUMNS = ("prompt", "column", "empathy")
+AUTONOMY_COLUMNS = ("prompt", "column", "autonomy")      # 1 = respects autonomy, 0 = advice / directive
 DEFAULT_DATA = "data/pair_sample.csv"
 DEFAULT_EMPATHY = "data/pair_empathy.csv"
+DEFAULT_AUTONOMY = "data/pair_autonomy.csv"
 PSYCH8K_SAMPLE = "data/psych8k_sample.json"
 
 
@@ -167,17 +169,27 @@ def load_dataset(path) -> list[Example]:
 def load_empathy_labels(path, pair_path=DEFAULT_DATA) -> list[tuple[str, str, int]]:
     """Empathy label CSV (prompt,column,empathy) joined with the PAIR file:
     (prompt, response text, label in 0/1/2) per row, in file order."""
+    return _load_labels(path, pair_path, EMPATHY_COLUMNS, ("0", "1", "2"))
+
+
+def load_autonomy_labels(path, pair_path=DEFAULT_DATA) -> list[tuple[str, str, int]]:
+    """Autonomy label CSV (prompt,column,autonomy) joined with the PAIR file: (prompt, response text,
+    1 if the response leaves the decision to the client, 0 if it gives advice or a directive)."""
+    return _load_labels(path, pair_path, AUTONOMY_COLUMNS, ("0", "1"))
+
+
+def _load_labels(path, pair_path, columns, allowed) -> list[tuple[str, str, int]]:
     by_prompt = {example.prompt: example for example in load_pair(pair_path)}
-    labelled = []
-    for line, row in _csv_records(path, EMPATHY_COLUMNS):
-        prompt, column, empathy = (cell.strip() for cell in row)
+    name, labelled = columns[-1], []
+    for line, row in _csv_records(path, columns):
+        prompt, column, label = (cell.strip() for cell in row)
         if prompt not in by_prompt:
             raise InputError(f"{path}:{line}: prompt not found in {pair_path}: {prompt[:60]!r}")
         if column not in RESPONSE_COLUMNS:
             raise InputError(f"{path}:{line}: unknown column {column!r} (expected one of {','.join(RESPONSE_COLUMNS)})")
-        if empathy not in ("0", "1", "2"):
-            raise InputError(f"{path}:{line}: empathy must be 0, 1 or 2, got {empathy!r}")
-        labelled.append((prompt, by_prompt[prompt].responses[column], int(empathy)))
+        if label not in allowed:
+            raise InputError(f"{path}:{line}: {name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {label!r}")
+        labelled.append((prompt, by_prompt[prompt].responses[column], int(label)))
     return labelled
 
 

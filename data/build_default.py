@@ -1,6 +1,7 @@
 """Build the embedded default models under data/default/: the small stand-ins this project ships for
 the paper's T5-base policy and its three scorers (paper §5.2, §5.3; SPEC §3), trained here from the
-sample data so every command runs offline. Run:  python emorl.py build-default [--out DIR] [--seed S]
+sample data so every command runs offline, plus a fourth stand-in objective for the scalability
+scenario (§5.4: a new objective, a new adapter). Run:  python emorl.py build-default --force | --out DIR [--seed S]
 
 What it trains (every model only on the *train* split of split_dataset(PAIR, 0) -- the commands'
 default split -- so the held-out numbers in metrics.json are honest):
@@ -14,11 +15,16 @@ default split -- so the held-out numbers in metrics.json are honest):
    level / 2 (hq 1, mq 0.5, lq 0);
 4. empathy: a BERT sequence classifier (num_labels = 1), MSE of the logit against label / 2;
 5. fluency: a GPT-2 language model on counselor-quality text (prompts + hq/mq reflections, Psych8k
-   input + output), in exactly the scorer's format BPE(prompt) + BPE(response).
+   input + output), in exactly the scorer's format BPE(prompt) + BPE(response);
+6. autonomy ("no unsolicited advice", not in the paper): a smaller BERT sequence classifier with two
+   labels (advice 0, autonomy 1) on the empathy scorer's WordPiece vocabulary, softmax cross-entropy
+   against data/pair_autonomy.csv; score = P(autonomy). Trained last, with its own seed (seed + 4), so
+   models 1-5 are byte-identical to a build without it.
 Each folder has Hugging Face's layout (config.json, model.safetensors, tokenizer files) and is read
-back through the project's own loaders (t5.load_t5, rewards.*Scorer.from_dir) to compute
+back through the project's own loaders (t5.load_t5, rewards.*Scorer.from_dir, bert.load_bert) to compute
 OUT/metrics.json: per scorer the held-out mean score of hq / mq / lq responses and the AUC
-P(random hq > random lq); for the policy held-out SL loss, </s> rate, length, examples, scores.
+P(random hq > random lq) (autonomy: also P(random autonomy-labelled > random advice-labelled response));
+for the policy held-out SL loss, </s> rate, length, examples, scores.
 
 Deviations from the paper / public code (which download pre-trained weights):
 - Tiny models trained on ~160 prompts: they rank responses sensibly but are no substitute for
@@ -69,6 +75,10 @@ EMPATHY_TRAIN = dict(epochs=15, batch_size=16, lr=5e-4)
 # around 20, where (50 - ppl) / 50 separates responses; with 600+ tokens it was > 50 (score 0).
 FLUENCY = dict(vocab=300, n_embd=96, n_layer=2, n_head=4, n_positions=384, dropout=0.2)
 FLUENCY_TRAIN = dict(epochs=12, batch_size=16, lr=1e-3)
+# Autonomy: smaller than empathy (< 1 MB), on the empathy scorer's WordPiece vocabulary (copied).
+AUTONOMY = dict(hidden=64, layers=2, heads=4, intermediate=256, positions=256)
+AUTONOMY_TRAIN = dict(epochs=25, batch_size=16, lr=5e-4)
+AUTONOMY_LABELS = ("advice", "autonomy")       # index 0, 1: the score is P(label "autonomy")
 TRAIN_DROPOUT = 0.1
 MAX_SOURCE, MAX_TARGET = 128, 64     # SPEC §1: encoder input <= 128 tokens, <= 64 new tokens
 
@@ -206,20 +216,24 @@ def scored_pairs(examples):
     return [(e.prompt, e.responses[c], data.LEVELS[c] / 2) for e in examples for c in data.RESPONSE_COLUMNS]
 
 
-def encoder_config(spec, vocab_size, model_type):
-    """bert.BertConfig + the Hugging Face config.json fields for it."""
+def encoder_config(spec, vocab_size, model_type, labels=None):
+    """bert.BertConfig + the Hugging Face config.json fields for it; `labels` (names, index order): a
+    classifier with one logit per label (softmax), else a single regression logit."""
     roberta = model_type == "roberta"
     config = bert.BertConfig(vocab_size=vocab_size, hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
                              num_attention_heads=spec["heads"], intermediate_size=spec["intermediate"],
                              max_position_embeddings=spec["positions"] + (2 if roberta else 0),
                              type_vocab_size=1 if roberta else 2, layer_norm_eps=1e-5 if roberta else 1e-12,
-                             pad_token_id=1 if roberta else 0, model_type=model_type, num_labels=1)
+                             pad_token_id=1 if roberta else 0, model_type=model_type, num_labels=len(labels) if labels else 1)
     hf = {**config.to_dict(), "hidden_act": "gelu", "position_embedding_type": "absolute",
           "hidden_dropout_prob": TRAIN_DROPOUT, "attention_probs_dropout_prob": 0.0}
     if roberta:
         hf.update(architectures=["RobertaModel"], bos_token_id=0, eos_token_id=2,
                   emorl_head="head.0 Linear(hidden, 512) -> ELU -> head.2 Linear(512, 1) -> sigmoid (rewards.ReflectionModel)")
         del hf["num_labels"]
+    elif labels:
+        hf.update(architectures=["BertForSequenceClassification"], id2label={str(i): n for i, n in enumerate(labels)},
+                  label2id={n: i for i, n in enumerate(labels)}, problem_type="single_label_classification")
     else:
         hf.update(architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                   problem_type="regression")
@@ -344,6 +358,72 @@ def build_fluency(directory, train, heldout, seed, epochs):
                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False})
 
 
+# ----------------------------------------------------------------------------- 6. autonomy scorer
+def autonomy_loss(model, batch):
+    """Softmax cross-entropy over (advice, autonomy)."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return F.cross_entropy(logits, batch["labels"])
+
+
+def build_autonomy(directory, train, labels, vocab_directory, seed, epochs):
+    """A BERT sequence classifier, 2 labels, over [CLS] prompt [SEP] response [SEP] (the empathy scorer's
+    input and WordPiece vocabulary, read from `vocab_directory`), trained on the autonomy labels of the
+    train prompts. Trained last with its own seed: the models before it are unchanged by its presence."""
+    spec = AUTONOMY
+    train_prompts = {e.prompt for e in train}
+    rows = [(p, r, label) for p, r, label in labels if p in train_prompts]
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(vocab_directory, "vocab.txt"), "rb") as f:
+        t5.atomic_write(os.path.join(directory, "vocab.txt"), f.read())
+    t5.write_json(os.path.join(directory, "tokenizer_config.json"),
+                  {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": spec["positions"]})
+    tokenizer = bert.WordPieceTokenizer.from_dir(directory)
+    config, hf = encoder_config(spec, tokenizer.vocab_size, "bert", labels=AUTONOMY_LABELS)
+    torch.manual_seed(seed)
+    model = bert.BertForSequenceClassification(config)
+    encoded = tokenizer.batch_encode([p for p, _, _ in rows], [r for _, r, _ in rows], max_length=spec["positions"])
+    tensors = {**encoded, "labels": torch.tensor([label for _, _, label in rows], dtype=torch.long)}
+    with dropout_hooks(model, TRAIN_DROPOUT, encoder_dropout_names(model.bert, "bert.")):
+        fit("autonomy", model, tensors, autonomy_loss, epochs=epochs, seed=seed,
+            **{k: v for k, v in AUTONOMY_TRAIN.items() if k != "epochs"})
+    t5.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    t5.write_json(os.path.join(directory, "config.json"), hf)
+
+
+class LabelProbability:
+    """score(prompts, responses) = softmax probability of one label of a BERT sequence classifier folder,
+    read back through bert.load_bert (the metrics of build_autonomy; the commands plug it in as a scorer)."""
+
+    def __init__(self, directory, label, batch_size=64):
+        self.model = bert.load_bert(directory, head="classification").eval()
+        self.tokenizer = bert.WordPieceTokenizer.from_dir(directory)
+        self.index = t5.read_json(os.path.join(directory, "config.json"))["label2id"][label]
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses):
+        max_length = min(512, self.model.config.max_position_embeddings)
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = self.tokenizer.batch_encode(prompts[start:start + self.batch_size],
+                                                responses[start:start + self.batch_size], max_length=max_length)
+            scores.append(self.model(**batch).softmax(-1)[:, self.index])
+        return torch.cat(scores)
+
+
+def autonomy_metrics(scorer, heldout, labels) -> dict:
+    """scorer_metrics + the AUC that matters here: P(an autonomy-labelled held-out response scores above
+    an advice-labelled one), and the mean score of each class."""
+    heldout_prompts = {e.prompt for e in heldout}
+    rows = [(p, r, label) for p, r, label in labels if p in heldout_prompts]
+    scores = scorer([p for p, _, _ in rows], [r for _, r, _ in rows])
+    autonomy = scores[[label == 1 for _, _, label in rows]]
+    advice = scores[[label == 0 for _, _, label in rows]]
+    return {"params": param_count(scorer.model), "heldout_autonomy": len(autonomy), "heldout_advice": len(advice),
+            "autonomy_mean": autonomy.mean().item(), "advice_mean": advice.mean().item(),
+            "auc_autonomy_vs_advice": auc(autonomy, advice), **scorer_metrics(scorer, heldout)}
+
+
 # ----------------------------------------------------------------------------- metrics
 def auc(high, low) -> float:
     """P(a random `high` score > a random `low` score), ties counting 1/2."""
@@ -404,24 +484,26 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def build(out, seed=0, scale=1.0, pair_path=None, empathy_path=None, psych8k_path=None) -> dict:
-    """Train and write OUT/{policy,reflection,empathy,fluency}/ + OUT/metrics.json; returns the metrics.
+def build(out, seed=0, scale=1.0, pair_path=None, empathy_path=None, psych8k_path=None, autonomy_path=None) -> dict:
+    """Train and write OUT/{policy,reflection,empathy,fluency,autonomy}/ + OUT/metrics.json; returns the metrics.
     `scale` multiplies the epochs (at least 1 each) and, below 1, the fraction of training prompts used."""
     if not scale > 0:
         raise t5.InputError(f"--scale must be positive, got {scale}")
     with single_thread():
-        return _build(out, seed, scale, pair_path, empathy_path, psych8k_path)
+        return _build(out, seed, scale, pair_path, empathy_path, psych8k_path, autonomy_path)
 
 
-def _build(out, seed, scale, pair_path, empathy_path, psych8k_path) -> dict:
+def _build(out, seed, scale, pair_path, empathy_path, psych8k_path, autonomy_path) -> dict:
     root = os.path.dirname(HERE)
     pair_path = pair_path or os.path.join(root, data.DEFAULT_DATA)
     empathy_path = empathy_path or os.path.join(root, data.DEFAULT_EMPATHY)
     psych8k_path = psych8k_path or os.path.join(root, data.PSYCH8K_SAMPLE)
+    autonomy_path = autonomy_path or os.path.join(root, data.DEFAULT_AUTONOMY)
     begin, seconds = time.time(), {}
     splits = data.split_dataset(data.load_pair(pair_path), SPLIT_SEED)
     psych_train = data.split_dataset(data.load_psych8k(psych8k_path), SPLIT_SEED)["train"]
     labels = data.load_empathy_labels(empathy_path, pair_path)
+    autonomy_labels = data.load_autonomy_labels(autonomy_path, pair_path)
     fraction = min(1.0, scale)
     take = lambda items, least: items[:max(least, math.ceil(len(items) * fraction))]  # noqa: E731
     train, psych_train = take(splits["train"], 8), take(psych_train, 2)
@@ -429,7 +511,7 @@ def _build(out, seed, scale, pair_path, empathy_path, psych8k_path) -> dict:
     epochs = lambda recipe: max(1, round(recipe["epochs"] * scale))  # noqa: E731
     print(f"build-default: {len(train)} train prompts (+{len(psych_train)} Psych8k), {len(heldout)} held-out, "
           f"seed {seed}, scale {scale} -> {out}")
-    directories = {name: os.path.join(out, name) for name in ("policy",) + rewards.OBJECTIVES}
+    directories = {name: os.path.join(out, name) for name in ("policy",) + rewards.OBJECTIVES + ("autonomy",)}
 
     stage = time.time()
     vocab_texts = [data.policy_input(e.prompt) for e in train] + [r for e in train for r in e.responses.values()] + \
@@ -445,6 +527,9 @@ def _build(out, seed, scale, pair_path, empathy_path, psych8k_path) -> dict:
     stage = time.time()
     build_fluency(directories["fluency"], train + psych_train, heldout, seed + 3, epochs(FLUENCY_TRAIN))
     seconds["fluency"] = time.time() - stage
+    stage = time.time()   # last, with its own seed: the four models above do not depend on it
+    build_autonomy(directories["autonomy"], train, autonomy_labels, directories["empathy"], seed + 4, epochs(AUTONOMY_TRAIN))
+    seconds["autonomy"] = time.time() - stage
 
     stage = time.time()   # read everything back through the loaders the commands use
     scorers = rewards.load_scorers({name: directories[name] for name in rewards.OBJECTIVES})
@@ -458,6 +543,7 @@ def _build(out, seed, scale, pair_path, empathy_path, psych8k_path) -> dict:
     ppl = scorers["fluency"].perplexity([e.prompt for e in heldout for _ in HQ + LQ],
                                         [e.responses[c] for e in heldout for c in HQ + LQ]).view(len(heldout), -1)
     metrics["fluency"].update(hq_median_ppl=ppl[:, :len(HQ)].median().item(), lq_median_ppl=ppl[:, len(HQ):].median().item())
+    metrics["autonomy"] = autonomy_metrics(LabelProbability(directories["autonomy"], "autonomy"), heldout, autonomy_labels)
     seconds["evaluate"] = time.time() - stage
     sizes = {name: folder_bytes(d) for name, d in directories.items()}
     metrics["bytes"] = {**sizes, "total": sum(sizes.values())}
@@ -477,6 +563,9 @@ def summary(metrics) -> str:
         m = metrics[name]
         lines.append(f"{name:<10} | {m['params']:,} params | held-out hq {m['hq_mean']:.3f} mq {m['mq_mean']:.3f} "
                      f"lq {m['lq_mean']:.3f} | AUC {m['auc_hq_vs_lq']:.3f} (same prompt {m['auc_hq_vs_lq_same_prompt']:.3f})")
+    m = metrics["autonomy"]
+    lines.append(f"autonomy   | {m['params']:,} params | held-out autonomy {m['autonomy_mean']:.3f} ({m['heldout_autonomy']}) "
+                 f"advice {m['advice_mean']:.3f} ({m['heldout_advice']}) | AUC {m['auc_autonomy_vs_advice']:.3f}")
     for example in policy["examples"][:2]:
         lines.append(f"  example: {example['prompt'][:70]!r} -> {example['output']!r}")
     lines.append(f"files {metrics['bytes']['total'] / 1e6:.1f} MB | " + " ".join(f"{k} {v:.0f}s" for k, v in metrics["seconds"].items()))

@@ -1,6 +1,7 @@
 """data/build_default.py: a reduced build is deterministic (same seed -> same files and metrics) and its
 folders load through the project's loaders; the committed data/default/ assets behave: the policy's
-greedy output ends with </s>, every scorer ranks held-out high-quality responses above poor ones."""
+greedy output ends with </s>, every scorer ranks held-out high-quality responses above poor ones, the
+autonomy classifier ranks held-out autonomy-labelled responses above advice (which the other three do not)."""
 import json
 import os
 
@@ -15,13 +16,14 @@ from data import build_default
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIR = os.path.join(ROOT, data.DEFAULT_DATA)
 EMPATHY = os.path.join(ROOT, data.DEFAULT_EMPATHY)
+AUTONOMY = os.path.join(ROOT, data.DEFAULT_AUTONOMY)
 ASSETS = os.path.join(ROOT, "data", "default")
-FOLDERS = ("policy",) + rewards.OBJECTIVES
+FOLDERS = ("policy",) + rewards.OBJECTIVES + ("autonomy",)
 
 needs_data = pytest.mark.skipif(not (os.path.isfile(PAIR) and os.path.isfile(EMPATHY)),
                                 reason="data/pair_sample.csv or data/pair_empathy.csv not merged yet")
 needs_assets = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "metrics.json")),
-                                  reason="data/default/ not built (python emorl.py build-default)")
+                                  reason="data/default/ not built (python emorl.py build-default --force)")
 
 
 def file_bytes(directory):
@@ -52,13 +54,15 @@ def test_reduced_build_is_deterministic(reduced_builds):
     outs, metrics = reduced_builds
     first, again = (json.load(open(os.path.join(outs[n], "metrics.json"))) for n in ("first", "again"))
     assert without_seconds(first) == without_seconds(again) == without_seconds(metrics["first"])
-    assert set(first["seconds"]) == {"policy", "reflection", "empathy", "fluency", "evaluate", "total"}
+    assert set(first["seconds"]) == {"policy", "reflection", "empathy", "fluency", "autonomy", "evaluate", "total"}
     files = file_bytes(outs["first"])
     assert {path.split(os.sep)[0] for path in files} == set(FOLDERS)
     assert files == file_bytes(outs["again"])
     other = file_bytes(outs["other_seed"])   # the seed is really used
     assert other["policy/model.safetensors"] != files["policy/model.safetensors"]
     assert other["fluency/model.safetensors"] != files["fluency/model.safetensors"]
+    assert other["autonomy/model.safetensors"] != files["autonomy/model.safetensors"]
+    assert files["autonomy/vocab.txt"] == files["empathy/vocab.txt"]       # the empathy scorer's WordPiece vocabulary
     assert first["bytes"]["total"] == sum(len(b) for b in files.values())
 
 
@@ -76,8 +80,14 @@ def test_reduced_build_loads_through_the_project_loaders(reduced_builds):
         assert scores.shape == (2,) and bool(((scores >= 0) & (scores <= 1)).all()), name
     for name in FOLDERS:   # Hugging Face layout
         config = json.load(open(os.path.join(out, name, "config.json")))
-        assert config["model_type"] == {"policy": "t5", "reflection": "roberta", "empathy": "bert", "fluency": "gpt2"}[name]
+        assert config["model_type"] == {"policy": "t5", "reflection": "roberta", "empathy": "bert", "fluency": "gpt2",
+                                        "autonomy": "bert"}[name]
         assert config["architectures"]
+    config = json.load(open(os.path.join(out, "autonomy", "config.json")))
+    assert (config["num_labels"], config["id2label"], config["label2id"]) == (2, {"0": "advice", "1": "autonomy"},
+                                                                             {"advice": 0, "autonomy": 1})
+    scores = build_default.LabelProbability(os.path.join(out, "autonomy"), "autonomy")(prompts, responses)
+    assert scores.shape == (2,) and bool(((scores > 0) & (scores < 1)).all())
 
 
 def test_auc_is_the_probability_high_beats_low():
@@ -120,6 +130,32 @@ def test_committed_scorers_rank_high_quality_above_poor():
 
 
 @needs_assets
+@needs_data
+def test_committed_autonomy_model_ranks_autonomy_above_advice():
+    """On the 40 held-out prompts: P(autonomy-labelled response scores above an advice-labelled one) is high,
+    equals metrics.json, and stays high among the poor (lq) responses alone, where reflection, empathy
+    and fluency do not separate the two (the fourth objective measures something the three do not)."""
+    splits = data.split_dataset(data.load_pair(PAIR), build_default.SPLIT_SEED)
+    heldout = {e.prompt for e in splits["aggregation"] + splits["inference"]}
+    rows = [row for row in data.load_autonomy_labels(AUTONOMY, PAIR) if row[0] in heldout]
+    poor = {e.responses[c] for e in splits["aggregation"] + splits["inference"] for c in build_default.LQ}
+    autonomy = build_default.LabelProbability(os.path.join(ASSETS, "autonomy"), "autonomy")
+    scorers = {**rewards.load_scorers({name: os.path.join(ASSETS, name) for name in rewards.OBJECTIVES}), "autonomy": autonomy}
+
+    def auc(scorer, subset):
+        scores = scorer([p for p, _, _ in subset], [r for _, r, _ in subset])
+        return build_default.auc(scores[[label == 1 for *_, label in subset]], scores[[label == 0 for *_, label in subset]])
+    metrics = json.load(open(os.path.join(ASSETS, "metrics.json")))
+    assert auc(autonomy, rows) == pytest.approx(metrics["autonomy"]["auc_autonomy_vs_advice"], abs=1e-6)
+    assert metrics["autonomy"]["auc_autonomy_vs_advice"] > 0.85
+    assert metrics["autonomy"]["heldout_advice"] == sum(label == 0 for *_, label in rows) > 30
+    lq_rows = [row for row in rows if row[1] in poor]
+    lq_auc = {name: auc(scorer, lq_rows) for name, scorer in scorers.items()}
+    assert lq_auc["autonomy"] > 0.8 and max(lq_auc[name] for name in rewards.OBJECTIVES) < 0.6, lq_auc
+    assert metrics["bytes"]["autonomy"] <= 1_000_000
+
+
+@needs_assets
 def test_committed_folders_load_in_hugging_face_with_the_same_outputs():
     """Oracle: transformers reads each folder (config.json, weights, tokenizer) and computes what ours does."""
     transformers = pytest.importorskip("transformers")
@@ -144,6 +180,14 @@ def test_committed_folders_load_in_hugging_face_with_the_same_outputs():
         cls = hf_model(**reflection.tokenizer.batch_encode_roberta(prompts, responses)).last_hidden_state[:, 0]
         scores = torch.sigmoid(reflection.model.head(cls)).squeeze(-1)
     torch.testing.assert_close(scores, reflection(prompts, responses), atol=1e-5, rtol=1e-5)
+
+    autonomy = build_default.LabelProbability(os.path.join(ASSETS, "autonomy"), "autonomy")
+    hf_model = transformers.BertForSequenceClassification.from_pretrained(os.path.join(ASSETS, "autonomy")).eval()
+    hf_tokenizer = transformers.BertTokenizer.from_pretrained(os.path.join(ASSETS, "autonomy"))
+    with torch.no_grad():
+        probability = hf_model(**hf_tokenizer(prompts, responses, return_tensors="pt", padding=True)).logits.softmax(-1)
+    assert hf_model.config.id2label == {0: "advice", 1: "autonomy"}
+    torch.testing.assert_close(probability[:, 1], autonomy(prompts, responses), atol=1e-5, rtol=1e-5)
 
     model, tokenizer = t5.load_t5(os.path.join(ASSETS, "policy"))
     hf_model = transformers.T5ForConditionalGeneration.from_pretrained(os.path.join(ASSETS, "policy")).eval()

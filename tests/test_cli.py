@@ -152,7 +152,11 @@ def assert_main_error(capsys, argv, *needles):
     """In-process emorl.main (no interpreter start): exit 2 and one line `error: ...` naming `needles`."""
     import emorl
     capsys.readouterr()
-    assert emorl.main(argv) == 2
+    try:
+        status = emorl.main(argv)
+    except SystemExit as e:                              # argparse's errors (emorl.Parser.error)
+        status = e.code
+    assert status == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for needle in needles:
@@ -178,9 +182,10 @@ SUBPROCESS_CHECKED = ("kindness", "reflection,kindness", "1,1,1", ":kindness")  
     (["generate", "hi", "--objectives", "reflection,no-dash", "--weights", "1,1"], ["'no-dash'"]),
     (["train", "reflection", "--objectives", "reflection,empathy"], ["trains that objective alone"]),
     (["train", "uniform", "--objectives", "empathy"], ["at least 2 objectives"]),
-    (["train", "all", "--jobs", "0"], ["--jobs 0"]),
+    (["train", "all", "--jobs", "0"], ["--jobs", "must be a positive integer"]),
     (["train", "all", "--device", "cpu,cpu"], ["2 devices for 1 job"]),
-    (["search", "--device", "cpu,cpu", "--adapters", "a", "b", "c"], ["one device here"]),
+    (["search", "--device", "cpu,cpu", "--adapters", "a", "b", "c"], ["'cpu,cpu' is not a torch device"]),
+    (["train", "all", "--device", "cpu,kettle"], ["'kettle' is not a torch device"]),
 ])
 def test_bad_objectives_scorers_and_weights(argv, needles, tmp_path, capsys, monkeypatch):
     argv = [*argv, "--runs", str(tmp_path / "runs")]

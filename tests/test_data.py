@@ -177,6 +177,7 @@ def test_empathy_labels_join_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- shipped sample
 SAMPLE = os.path.join(ROOT, data.DEFAULT_DATA)
 EMPATHY = os.path.join(ROOT, data.DEFAULT_EMPATHY)
+AUTONOMY = os.path.join(ROOT, data.DEFAULT_AUTONOMY)
 PSYCH8K = os.path.join(ROOT, data.PSYCH8K_SAMPLE)
 
 
@@ -195,6 +196,20 @@ def test_shipped_empathy_labels_cover_every_response():
     expected = {(e.prompt, e.responses[c]) for e in data.load_pair(SAMPLE) for c in data.RESPONSE_COLUMNS}
     assert set(covered) == expected and max(covered.values()) == 1
     assert {label for _, _, label in labels} == {0, 1, 2}
+
+
+def test_shipped_autonomy_labels_cover_every_response(tmp_path):
+    labels = data.load_autonomy_labels(AUTONOMY, SAMPLE)
+    assert [(p, t) for p, t, _ in labels] == [(p, t) for p, t, _ in data.load_empathy_labels(EMPATHY, SAMPLE)]
+    by_text = {text: label for _, text, label in labels}
+    assert {label for _, _, label in labels} == {0, 1}
+    examples = data.load_pair(SAMPLE)
+    assert all(by_text[e.responses[c]] == 1 for e in examples for c in ("hq1", "hq2", "mq1"))  # reflections give no advice
+    assert by_text["You should talk to HR about cutting your hours back before it gets worse."] == 0
+    assert by_text["Are you at least getting paid overtime for all of that?"] == 1     # a poor response, but no advice
+    bad = write_csv(tmp_path / "bad.csv", [list(data.AUTONOMY_COLUMNS), [examples[0].prompt, "hq1", "2"]])
+    with pytest.raises(InputError, match=r"bad.csv:2: autonomy must be 0 or 1, got '2'"):
+        data.load_autonomy_labels(bad, SAMPLE)
 
 
 def test_shipped_psych8k_sample_loads():

@@ -246,3 +246,36 @@ def test_t5_adapter_matches_peft_both_ways(t5_dir, tmp_path):
             mixed = ours(IDS, MASK, DEC)
     torch.testing.assert_close(mixed[0], adapted[0], rtol=1e-4, atol=1e-4)  # bmm sums in another order
     torch.testing.assert_close(mixed[1], hf_logits(peft_model)[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("targets", [["SelfAttention.q", "EncDecAttention.o", "decoder.block.1.layer.2.DenseReluDense.wo"],
+                                     ["layer.0.SelfAttention.v", "wo"], r"encoder\.block\.\d\.layer\.0\.SelfAttention\.[kv]"])
+def test_peft_target_modules_by_suffix_full_path_or_regex(t5_dir, tmp_path, targets):
+    """PEFT matches a list entry against the whole module path or a dotted suffix of it ("SelfAttention.q"),
+    a string as a full-match regex: the same modules get adapters here, and the logits agree."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(hf_t5(t5_dir), LoraConfig(r=2, lora_alpha=4, task_type="SEQ_2_SEQ_LM",
+                                                          target_modules=targets)).eval()
+    perturb([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    prefix = "base_model.model."
+    peft_targets = sorted(n[len(prefix):] for n, m in peft_model.named_modules() if n.startswith(prefix) and hasattr(m, "lora_A")
+                          and "default" in m.lora_A)
+    ours, _ = t5.load_t5(str(t5_dir))
+    ours.double()
+    lora.load_adapter(ours, tmp_path / "peft", "x")
+    assert sorted(path for path, m in lora._layers(ours) if "x" in m.lora_A) == peft_targets
+    assert len(peft_targets) > 2
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS, MASK, DEC), hf_logits(peft_model), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_target_modules_are_one_line_errors(tmp_path):
+    with pytest.raises(InputError, match="not a valid regular expression"):
+        lora.add_adapter(Toy(), "a", targets="block.(")
+    with pytest.raises(InputError, match="expected module names"):
+        lora.add_adapter(Toy(), "a", targets=["q", 3])
+    model = Toy()
+    lora.add_adapter(model, "a", targets="all-linear")
+    assert sorted(p for p, _ in lora._layers(model)) == ["block.0.q", "block.0.wo", "block.1.q", "block.1.wo"]

@@ -36,7 +36,7 @@ def emorl(*args, cwd):
 
 def train_flags(assets, runs, steps):
     return [*model_flags(assets), *SMALL, "--runs", str(runs), "--max-steps", str(steps), "--val-every", "2",
-            "--val-prompts", "4", "--max-new-tokens", "16"]
+            "--max-new-tokens", "16"]
 
 
 def test_train_search_generate_evaluate(assets, tmp_path):
@@ -48,6 +48,8 @@ def test_train_search_generate_evaluate(assets, tmp_path):
         assert (tmp_path / "runs" / f"{name}-0" / "adapter" / "adapter_model.safetensors").exists()
         lines = (tmp_path / "runs" / f"{name}-0" / "train.jsonl").read_text().splitlines()
         assert [json.loads(line)["type"] for line in lines] == ["validation", "step", "step", "validation"]
+        assert [json.loads(line)["prompts"] for line in lines[::3]] == [5, 5]   # the whole aggregation split
+        assert all(json.loads(line)["reward"] < 0 for line in lines[1:3])     # log of a clipped score
 
     out = emorl("search", *model_flags(assets), "--sample", "0.25", "--runs", "runs", "--iterations", "1",
                 "--batch-size", "8", cwd=tmp_path)
@@ -93,5 +95,5 @@ def test_kill_9_then_rerun_equals_uninterrupted(assets, tmp_path):
 
     def curve(folder):
         rows = [json.loads(line) for line in (tmp_path / folder / "reflection-0" / "train.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
     assert curve("straight") == curve("killed")

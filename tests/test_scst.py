@@ -1,8 +1,11 @@
-"""SCST + KL (scst.py): the arithmetic on hand-made numbers, the KL's gradient, the convergence rule,
-Exp3 on a hand-computed case, and resume-after-kill == uninterrupted run."""
+"""SCST + KL (scst.py): the arithmetic on hand-made numbers, the KL's gradient, the convergence rule at
+its threshold, the log-clipped reward, top-k sampling, DynaOpt's two bandits on hand-computed cases,
+the authors' validation (schedule, whole split, k samples, eval mode, reproducible), resume after an
+interruption == uninterrupted run, and resumes that change a setting refused."""
 import argparse
 import copy
 import json
+import math
 import os
 import random
 
@@ -67,6 +70,31 @@ def test_convergence_rule_on_synthetic_curves():
     assert not scst.converged(plateau[:30]) and scst.converged(plateau)
 
 
+def test_convergence_threshold_is_strict_at_0_015():
+    def history(d):                                          # mean 200, population std d exactly: CV = d / 200
+        return [200.0 - d] * 10 + [200.0 + d] * 10
+    assert scst.coefficient_of_variation(history(3.0)) == 0.015
+    assert scst.converged(history(2.99))                     # CV 0.01495: stop
+    assert not scst.converged(history(3.0))                  # CV exactly 0.015: the rule is "< 0.015"
+    assert not scst.converged(history(3.01))                 # CV 0.01505: go on
+    assert scst.converged([9.0] * 7 + history(2.99))         # only the last 20 count
+
+
+def test_single_objective_reward_is_the_log_of_the_clipped_score():
+    scores = torch.tensor([[0.5], [0.0], [1.0]])
+    expected = [math.log(0.5), math.log(1e-4), math.log(0.9999)]
+    assert scst.combine_rewards(scores, [1.0], "logsum").tolist() == pytest.approx(expected, rel=1e-3)
+    assert scst.combine_rewards(scores, [1.0], "mean").tolist() == pytest.approx([0.5, 0.0, 1.0])
+
+
+def test_logsum_and_mean_combine_several_objectives():
+    scores = torch.tensor([[0.5, 0.2, 0.9]])
+    expected = sum(w * math.log(s) for w, s in zip([0.2, 0.3, 0.5], [0.5, 0.2, 0.9]))
+    assert scst.combine_rewards(scores, [0.2, 0.3, 0.5], "logsum").item() == pytest.approx(expected, rel=1e-5)
+    assert scst.combine_rewards(scores, [0.2, 0.3, 0.5], "mean").item() == pytest.approx(0.1 + 0.06 + 0.45)
+
+
+# ----------------------------------------------------------------------------- DynaOpt's bandits
 def test_exp3_updates_match_hand_computation():
     bandit = scst.Exp3(3, gamma=0.07)
     assert bandit.probabilities() == pytest.approx([1 / 3] * 3)
@@ -82,12 +110,52 @@ def test_exp3_updates_match_hand_computation():
     assert 0.89 < draws.count(0) / 3000 < 0.94              # draws follow the probabilities
 
 
-def test_single_objective_reward_is_the_raw_score_and_logsum_combines():
-    scores = torch.tensor([[0.5, 0.2, 0.9]])
-    assert scst.combine_rewards(scores[:, :1], [1.0], "logsum").item() == pytest.approx(0.5)
-    expected = sum(w * torch.log(torch.tensor(s)).item() for w, s in zip([0.2, 0.3, 0.5], [0.5, 0.2, 0.9]))
-    assert scst.combine_rewards(scores, [0.2, 0.3, 0.5], "logsum").item() == pytest.approx(expected, rel=1e-5)
-    assert scst.combine_rewards(scores, [0.2, 0.3, 0.5], "mean").item() == pytest.approx(0.1 + 0.06 + 0.45)
+def test_dynaopt_inner_bandit_moves_every_step_by_hand():
+    dynaopt = scst.DynaOpt(3, gamma=0.07, seed=0)
+    dynaopt.arm = 0
+    # step 1: p0 = 1/3, reward 1 -> w0 = exp(0.07 * 3 / 3) = exp(0.07); weights = w / Σw
+    w0 = math.exp(0.07)
+    assert dynaopt.step_weights() == pytest.approx([w0 / (w0 + 2), 1 / (w0 + 2), 1 / (w0 + 2)])
+    # step 2: p0 = 0.93 * w0 / (w0 + 2) + 0.07 / 3 -> w0 *= exp(0.07 / p0 / 3)
+    p0 = 0.93 * w0 / (w0 + 2) + 0.07 / 3
+    w0 *= math.exp(0.07 / p0 / 3)
+    assert dynaopt.step_weights() == pytest.approx([w0 / (w0 + 2), 1 / (w0 + 2), 1 / (w0 + 2)])
+    dynaopt.arm = 3                                          # "no change": the weights stay where they are
+    assert dynaopt.step_weights() == pytest.approx([w0 / (w0 + 2), 1 / (w0 + 2), 1 / (w0 + 2)])
+    assert dynaopt.inner.weights == pytest.approx([w0, 1.0, 1.0]) and dynaopt.outer.weights == [1.0] * 4
+
+
+def test_dynaopt_outer_bandit_is_paid_the_mean_change_of_the_objectives(tmp_path):
+    args = make_args(objective="dynaopt", objectives=["reflection", "empathy", "fluency"])
+    run = scst.TrainingRun(str(tmp_path), args, 10, settings={})
+    assert run.dynaopt.outer.weights == [1.0] * 4 and run.dynaopt.arm in range(4)   # drawn before training
+    run.record_validation({"reflection": 0.1, "empathy": 0.1, "fluency": 0.1})      # step 0: not paid, no draw
+    assert run.dynaopt.outer.weights == [1.0] * 4
+    run.dynaopt.arm, run.step = 1, 8
+    record = run.record_validation({"reflection": 0.50, "empathy": 0.40, "fluency": 0.60})
+    assert record["dynaopt"]["paid"] == 0.0 and run.dynaopt.outer.weights == [1.0] * 4   # first counted: pays 0
+    run.dynaopt.arm, run.step = 2, 16
+    record = run.record_validation({"reflection": 0.56, "empathy": 0.40, "fluency": 0.57})
+    change = (0.06 + 0.0 - 0.03) / 3                         # mean over the objectives, vs step 8 (not step 0)
+    assert record["dynaopt"]["paid"] == pytest.approx(change) and record["dynaopt"]["paid_arm"] == "fluency"
+    # outer Exp3 over 4 arms: p2 = 1/4 -> w2 = exp(0.07 * (change / 0.25) / 4)
+    assert run.dynaopt.outer.weights == pytest.approx([1.0, 1.0, math.exp(0.07 * change / 0.25 / 4), 1.0])
+    assert record["dynaopt"]["next_arm"] in ("reflection", "empathy", "fluency", "no change")
+    assert run.history == pytest.approx([0.5, 0.51])         # step 0 stays out of the CV window
+
+
+def test_dynaopt_weights_leave_uniform_while_one_objective_keeps_improving(tmp_path):
+    args = make_args(objective="dynaopt", objectives=["reflection", "empathy", "fluency"])
+    run = scst.TrainingRun(str(tmp_path), args, 10, settings={})
+    largest = []
+    for validation in range(1, 21):
+        for _ in range(8):
+            weights = run.reward_weights()
+            assert sum(weights.values()) == pytest.approx(1.0)
+            largest.append(max(weights.values()))
+        run.step = 8 * validation
+        run.record_validation({"reflection": 0.3 + 0.02 * validation, "empathy": 0.5, "fluency": 0.5})
+    assert max(largest) > 0.45 and largest[-1] > 0.4         # 1/3 each at the start; the old rule stayed ~0.335
 
 
 # ----------------------------------------------------------------------------- with a tiny T5
@@ -124,9 +192,9 @@ SCORERS = {"reflection": length_scorer, "empathy": word_scorer, "fluency": lengt
 
 
 def make_args(**overrides):
-    args = dict(objective="reflection", seed=0, device="cpu", max_steps=6, batch_size=4, samples_per_prompt=3,
-                max_new_tokens=8, lr=1e-2, beta=0.05, grad_clip=2.0, val_every=2, cv_window=20, cv_tolerance=0.015,
-                combine="logsum", gamma=0.07, policy="tiny", objectives=["reflection", "empathy", "fluency"])
+    args = dict(objective="reflection", objectives=None, seed=0, device="cpu", max_steps=6, batch_size=4,
+                samples_per_prompt=3, max_new_tokens=8, lr=1e-2, beta=0.05, grad_clip=2.0, val_every=2, cv_window=20,
+                cv_tolerance=0.015, combine="logsum", gamma=0.07, top_k=50, policy="tiny")
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -137,7 +205,10 @@ def examples(n):
 
 
 def adapted_copy(model, perturb=False):
+    """The model with adapter 'reflection': B = 0 (the base model), or B and A moved by a seeded 0.3·N(0, 1).
+    A comes from the global RNG (lora.add_adapter), so it is seeded here: two calls give the same weights."""
     model = copy.deepcopy(model)
+    torch.manual_seed(7)
     lora.add_adapter(model, "reflection")
     if perturb:
         generator = torch.Generator().manual_seed(3)
@@ -147,13 +218,22 @@ def adapted_copy(model, perturb=False):
     return model
 
 
-def one_step(model, tokenizer, beta):
-    args = make_args(beta=beta)
-    optimizer = torch.optim.AdamW(lora.adapter_parameters(model, "reflection"), lr=args.lr)
-    generator = torch.Generator().manual_seed(0)
+def one_step(model, tokenizer, beta, scorers=SCORERS, **overrides):
+    """One scst_step with plain SGD (the update is lr · gradient, so a gradient term cannot hide in Adam's
+    normalisation); the sampling generator and the global RNG (LoRA dropout) seeded: same samples."""
+    args = make_args(beta=beta, **overrides)
+    optimizer = torch.optim.SGD(lora.adapter_parameters(model, "reflection"), lr=0.1)
     torch.manual_seed(0)
-    scst.scst_step(model, tokenizer, SCORERS, optimizer, [e.prompt for e in examples(4)], [1.0], args, generator)
+    scst.scst_step(model, tokenizer, scorers, optimizer, [e.prompt for e in examples(4)], {"reflection": 1.0}, args,
+                   torch.Generator().manual_seed(0))
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def recording(scorer, seen):
+    def wrapped(prompts, responses):
+        seen.append(list(responses))
+        return scorer(prompts, responses)
+    return wrapped
 
 
 def test_kl_is_zero_at_init(tiny):
@@ -169,12 +249,33 @@ def test_kl_is_zero_at_init(tiny):
     assert kl.abs().max().item() < 1e-6
 
 
+def test_kl_only_loss_has_a_gradient_on_the_adapter(tiny):
+    model, tokenizer = tiny
+    model = adapted_copy(model, perturb=True)
+    input_ids, attention_mask = scst.encode_prompts(tokenizer, [e.prompt for e in examples(3)], "cpu")
+    tokens, _ = t5.generate(model, input_ids, attention_mask, max_new_tokens=6)
+    decoder_input_ids = scst.shift_right(tokens, 0)
+    logits = model(input_ids, attention_mask, decoder_input_ids)
+    with torch.no_grad(), lora.adapters_disabled(model):
+        reference = model(input_ids, attention_mask, decoder_input_ids)
+    sampled, kl = scst.token_logprobs_and_kl(logits, reference, tokens)
+    loss = scst.scst_loss(sampled, kl, scst.response_mask(tokens, 1), torch.zeros(len(tokens)), beta=1.0)
+    assert loss.item() > 1e-4                                # the perturbed adapter is away from the base model
+    loss.backward()
+    gradient = sum(p.grad.norm() ** 2 for p in lora.adapter_parameters(model, "reflection") if p.grad is not None)
+    assert gradient > 1e-8                                   # a detached KL (the public code's) gives exactly 0
+
+
 def test_beta_changes_the_update(tiny):
     model, tokenizer = tiny
-    without_kl = one_step(adapted_copy(model, perturb=True), tokenizer, beta=0.0)
-    with_kl = one_step(adapted_copy(model, perturb=True), tokenizer, beta=0.05)
+    seen_without, seen_with = [], []
+    without_kl = one_step(adapted_copy(model, perturb=True), tokenizer, 0.0, dict(reflection=recording(length_scorer, seen_without)))
+    with_kl = one_step(adapted_copy(model, perturb=True), tokenizer, 0.05, dict(reflection=recording(length_scorer, seen_with)))
+    assert seen_without == seen_with                         # same starting weights, same samples
+    same = one_step(adapted_copy(model, perturb=True), tokenizer, 0.0)
     differences = [(without_kl[n] - with_kl[n]).abs().max().item() for n in without_kl if ".lora_" in n]
-    assert max(differences) > 1e-7                           # the public code's inert KL would give 0 here
+    assert all(torch.equal(same[n], without_kl[n]) for n in same)   # the comparison itself is deterministic
+    assert max(differences) > 1e-4                           # the public code's inert KL would give 0 here
 
 
 def test_one_step_moves_only_adapter_weights(tiny):
@@ -186,8 +287,51 @@ def test_one_step_moves_only_adapter_weights(tiny):
     assert moved and all(".lora_" in n for n in moved)
 
 
+def test_sampling_is_top_k_in_training_and_validation(tiny):
+    model, tokenizer = tiny
+    adapted = adapted_copy(model, perturb=True)
+    prompts = [e.prompt for e in examples(4)]
+    adapted.eval()
+    greedy, _ = t5.generate(adapted, *scst.encode_prompts(tokenizer, prompts, "cpu"), max_new_tokens=8)
+    greedy = [text for text in tokenizer.batch_decode(greedy) for _ in range(3)]
+    for top_k, equal in ((1, True), (0, False)):            # top-1 sampling is greedy; the full softmax is not
+        seen = []
+        one_step(copy.deepcopy(adapted), tokenizer, 0.05, dict(reflection=recording(length_scorer, seen)), top_k=top_k)
+        assert (seen[0] == greedy) is equal
+        seen = []
+        scst.validate(adapted, tokenizer, dict(reflection=recording(length_scorer, seen)), prompts,
+                      make_args(top_k=top_k), step=8)
+        assert (seen[0] == greedy) is equal
+
+
+def test_validation_samples_k_per_prompt_in_eval_mode_and_is_reproducible(tiny):
+    model, tokenizer = tiny
+    adapted = adapted_copy(model, perturb=True)
+    for module in adapted.modules():
+        if isinstance(module, lora.LoRALinear):
+            module.dropout_p = {n: 0.5 for n in module.dropout_p}   # strong LoRA dropout: must not act in validation
+    prompts = [e.prompt for e in examples(5)]
+    args = make_args(batch_size=2)
+    seen = []
+    scorers = dict(SCORERS, reflection=recording(length_scorer, seen), empathy=lambda p, r: torch.ones(len(r)))
+    adapted.eval()
+    first = scst.validate(adapted, tokenizer, scorers, prompts, args, step=8)
+    assert [len(batch) for batch in seen] == [6, 6, 3]       # every prompt, k = 3 samples each, in batches of 2
+    scst.adapter_dropout_only(adapted)                       # the state a training step leaves behind
+    assert scst.validate(adapted, tokenizer, scorers, prompts, args, step=8) == first
+    expected = sum(min(max(s, 1e-4), 0.9999) for batch in seen[:3] for s in length_scorer(None, batch).tolist()) / 15
+    assert first["reflection"] == pytest.approx(expected)    # mean over prompts × k of the clipped score
+    assert first["empathy"] == pytest.approx(0.9999)         # clipped as the authors' logsum_score clips
+    assert scst.validate(adapted, tokenizer, scorers, prompts, args, step=16) != first   # own generator per step
+
+
 class Killed(Exception):
     pass
+
+
+def curve(path):
+    rows = [json.loads(line) for line in open(path / "train.jsonl").read().splitlines()]
+    return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
@@ -216,22 +360,97 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
     resumed = t5.load_safetensors(str(tmp_path / "resumed" / "adapter"))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-
-    def curve(folder):
-        lines = [json.loads(line) for line in (tmp_path / folder / "train.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
-    assert curve("straight") == curve("resumed")
+    assert curve(tmp_path / "straight") == curve(tmp_path / "resumed")
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
-    assert summary["steps"] == 7 and summary["data_points"] == 28 and len(curve("resumed")) == 7 + 4
+    assert summary["steps"] == 7 and summary["data_points"] == 28 and len(curve(tmp_path / "resumed")) == 7 + 4
+    steps = [row for row in curve(tmp_path / "straight") if row["type"] == "step"]
+    assert all(row["reward"] < 0 and row["weights"] == {"reflection": 1.0} for row in steps)   # log of a probability
 
 
-def test_dynaopt_trains_with_bandit_weights(tiny, tmp_path):
+def test_validation_schedule_and_convergence_window_exclude_step_0(tiny, tmp_path):
     model, tokenizer = tiny
-    args = make_args(objective="dynaopt", max_steps=4, val_every=2)
+    args = make_args(max_steps=20, val_every=2, cv_window=3, cv_tolerance=10.0)   # any 3 counted validations stop
+    summary = scst.train(copy.deepcopy(model), tokenizer, SCORERS, examples(8), [e.prompt for e in examples(3)],
+                         args, str(tmp_path / "run"))
+    validations = [row for row in curve(tmp_path / "run") if row["type"] == "validation"]
+    assert [row["step"] for row in validations] == [0, 2, 4, 6] and summary["converged"] and summary["steps"] == 6
+    assert all(row["prompts"] == 3 and row["samples"] == 9 for row in validations)
+
+
+def test_dynaopt_run_logs_the_weights_of_every_step(tiny, tmp_path):
+    model, tokenizer = tiny
+    args = make_args(objective="dynaopt", max_steps=12, val_every=2)
     summary = scst.train(copy.deepcopy(model), tokenizer, SCORERS, examples(8), [e.prompt for e in examples(2)],
                          args, str(tmp_path / "dyna"))
-    assert summary["steps"] == 4 and set(summary["final_validation"]) == {"reflection", "empathy", "fluency"}
+    assert summary["steps"] == 12 and set(summary["final_validation"]) == {"reflection", "empathy", "fluency"}
     assert os.path.exists(tmp_path / "dyna" / "adapter" / "adapter_model.safetensors")
+    rows = curve(tmp_path / "dyna")
+    steps = [row for row in rows if row["type"] == "step"]
+    assert all(list(row["weights"]) == ["reflection", "empathy", "fluency"] for row in steps)
+    assert all(sum(row["weights"].values()) == pytest.approx(1.0) for row in steps)
+    assert len({tuple(row["weights"].values()) for row in steps}) > 3          # they move during the run
+    for before, row in zip(steps, steps[1:]):                # "no change" keeps them; an objective arm raises its own
+        if row["arm"] == "no change":
+            assert row["weights"] == before["weights"]
+        else:
+            assert row["weights"][row["arm"]] > before["weights"][row["arm"]]
+    assert all("dynaopt" in row for row in rows if row["type"] == "validation" and row["step"] > 0)
+
+
+@pytest.mark.parametrize("change", [dict(lr=1e-3), dict(batch_size=2), dict(beta=0.1), dict(samples_per_prompt=2),
+                                    dict(top_k=0), dict(combine="mean"), dict(seed=1), dict(val_every=4),
+                                    dict(cv_tolerance=0.02), dict(max_new_tokens=6), dict(data=True)])
+def test_resume_refuses_a_changed_setting(tiny, tmp_path, change):
+    model, tokenizer = tiny
+    train, validation = examples(8), [e.prompt for e in examples(2)]
+    scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(max_steps=2), str(tmp_path))
+    os.remove(tmp_path / "summary.json")
+    if change.pop("data", False):
+        train = examples(9)
+    with pytest.raises(t5.InputError) as error:
+        scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(max_steps=4, **change),
+                   str(tmp_path))
+    flag = "--" + next(iter(change)).replace("_", "-") if change else "training/validation prompts"
+    assert flag in str(error.value) and "\n" not in str(error.value)
+
+
+def test_resume_may_grow_max_steps_and_refuses_another_objective(tiny, tmp_path):
+    model, tokenizer = tiny
+    train, validation = examples(8), [e.prompt for e in examples(2)]
+    scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(max_steps=2), str(tmp_path / "a"))
+    os.remove(tmp_path / "a" / "summary.json")
+    summary = scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(max_steps=4),
+                         str(tmp_path / "a"))
+    assert summary["steps"] == 4 and len(curve(tmp_path / "a")) == 4 + 3
+    os.makedirs(tmp_path / "b")
+    os.replace(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+    with pytest.raises(t5.InputError, match="objective reflection, not empathy"):
+        scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(objective="empathy"),
+                   str(tmp_path / "b"))
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_record_once(tiny, tmp_path):
+    model, tokenizer = tiny
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    (run_dir / "train.jsonl").write_text(json.dumps({"type": "validation", "step": 0}) + "\n")
+    (run_dir / "train.log").write_text("val  0 | reward 0.5\n")             # what the killed start had written
+    scst.train(copy.deepcopy(model), tokenizer, SCORERS, examples(8), [e.prompt for e in examples(2)],
+               make_args(max_steps=2), str(run_dir))
+    assert [(row["type"], row["step"]) for row in curve(run_dir)] == [("validation", 0), ("step", 1), ("step", 2),
+                                                                      ("validation", 2)]
+    assert len((run_dir / "train.log").read_text().splitlines()) == 4
+
+
+def test_progress_bar_closes_at_the_true_end(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    args = make_args(max_steps=1000, val_every=2, cv_window=2, cv_tolerance=10.0)
+    scst.train(copy.deepcopy(model), tokenizer, SCORERS, examples(8), [e.prompt for e in examples(2)],
+               args, str(tmp_path / "run"))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if line.startswith("train reflection")][-1]
+    assert last.startswith("train reflection: 4step") and "/1000" not in last   # converged at step 4 of 1000
+    assert "2 validations, CV 0." in last and "(stops < 10.0)" in last
 
 
 def test_nan_reward_and_empty_split_are_input_errors(tiny, tmp_path):
@@ -252,6 +471,6 @@ def test_kl_of_the_first_step_is_zero_even_with_t5_dropout(tiny):
     noisy = adapted_copy(noisy)
     args = make_args()
     optimizer = torch.optim.AdamW(lora.adapter_parameters(noisy, "reflection"), lr=args.lr)
-    stats = scst.scst_step(noisy, tokenizer, SCORERS, optimizer, [e.prompt for e in examples(4)], [1.0], args,
-                           torch.Generator().manual_seed(0))
+    stats = scst.scst_step(noisy, tokenizer, SCORERS, optimizer, [e.prompt for e in examples(4)], {"reflection": 1.0},
+                           args, torch.Generator().manual_seed(0))
     assert abs(stats["kl"]) < 1e-5

@@ -321,19 +321,67 @@ def test_pareto_report_keeps_non_dominated_records():
     assert "hypervolume 0.2300" in report.format_report(rep)
 
 
-@pytest.mark.parametrize("d", [2, 3])
-def test_svg_one_panel_per_iteration_one_marker_per_point(d):
-    result = search.hierarchical_grid_search(cosine_objective((0.8, 0.5, 0.05)[:d]), d, iterations=3)
-    svg = report.search_svg(result["iterations"], NAMES[:d])
-    root = ET.fromstring(svg)
-    ns = "{http://www.w3.org/2000/svg}"
-    panels = [g for g in root.iter(ns + "g") if g.get("class") == "panel"]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def svg_weights(element):
+    """The weights in a marker's tooltip "...w=(a,b,c) ..." as floats."""
+    text = element.find(SVG + "title").text
+    return [float(w) for w in text[text.index("w=(") + 3:text.index(")")].split(",")]
+
+
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_svg_panels_slices_markers_best_and_chosen_boxes(d):
+    """Figure 5 for d = 2, 3, 4: a panel per iteration, 3^(d-2) slices per panel, in each slice one marker per
+    grid point whose w3..wd are the slice's values, placed by w1 (x) and w2 (y); the red box of the next
+    bounds in 2^(d-2) slices of every iteration but the last; one ring, on Algorithm 1's best weights."""
+    names = ["reflection", "empathy", "fluency", "autonomy"][:d]
+    result = search.hierarchical_grid_search(cosine_objective((0.8, 0.5, 0.05, 0.3)[:d]), d, iterations=3)
+    root = ET.fromstring(report.search_svg(result["iterations"], names))
+    panels = [g for g in root.iter(SVG + "g") if g.get("class") == "panel"]
     assert len(panels) == 3
-    for panel, it in zip(panels, result["iterations"]):
-        markers = [c for c in panel.iter(ns + "circle") if c.get("class") == "point"]
-        assert len(markers) == len(it["points"]) == 3 ** d
-        assert sum(r.get("class") == "chosen" for r in panel.iter(ns + "rect")) == 2 ** (d - 2)
-    assert any(c.get("fill") == "#bbbbbb" for c in root.iter(ns + "circle"))  # w = 0, never decoded
+    rings = []
+    for number, (panel, it) in enumerate(zip(panels, result["iterations"])):
+        slices = [g for g in panel.iter(SVG + "g") if g.get("class") == "slice"]
+        assert len(slices) == 3 ** (d - 2)
+        shown, frames = [], []
+        for one in slices:
+            titles = [t.text for t in one.iter(SVG + "text") if t.get("class") == "title"]
+            rest = [float(t.split(" = ")[1]) for t in reversed(titles)]
+            assert [t.split(" = ")[0] for t in reversed(titles)] == names[2:]
+            markers = [c for c in one.iter(SVG + "circle") if c.get("class") == "point"]
+            assert len(markers) == 9 and all(svg_weights(c)[2:] == rest for c in markers)
+            for a, b in itertools.combinations(markers, 2):   # x grows with w1, y (downwards) shrinks with w2
+                (wa, wb), (xa, xb) = (svg_weights(a), svg_weights(b)), (float(a.get("cx")), float(b.get("cx")))
+                assert (wa[0] < wb[0]) == (xa < xb) and (wa[1] < wb[1]) == (float(a.get("cy")) > float(b.get("cy")))
+            shown += [svg_weights(c) for c in markers]
+            frame = one.find(SVG + "rect")
+            frames.append((rest, float(frame.get("x")), float(frame.get("y"))))
+            rings += [(number, svg_weights(c), c.get("cx"), c.get("cy"), [(m.get("cx"), m.get("cy")) for m in markers
+                       if svg_weights(m) == svg_weights(c)]) for c in one.iter(SVG + "circle") if c.get("class") == "best"]
+        assert sorted(shown) == sorted(it["points"])               # every grid point shown once
+        for (rest_a, xa, ya), (rest_b, xb, yb) in itertools.combinations(frames, 2):   # columns: w3; rows: w4
+            assert (rest_a[:1] < rest_b[:1]) == (xa < xb) and (rest_a[1:] < rest_b[1:]) == (ya < yb)
+        chosen = sum(r.get("class") == "chosen" for r in panel.iter(SVG + "rect"))
+        assert chosen == (0 if number == 2 else 2 ** (d - 2))      # no box after the last iteration
+    assert len(rings) == 1
+    number, weights, cx, cy, under = rings[0]
+    assert weights == result["best_weights"] and under == [(cx, cy)]
+    found = result["iterations"][number]
+    assert found["means"][found["points"].index(weights)] == result["best_score"] == max(m for m in found["means"] if m is not None)
+    assert all(m is None or m < result["best_score"] for it in result["iterations"][:number] for m in it["means"])
+    assert any(c.get("fill") == "#bbbbbb" for c in root.iter(SVG + "circle"))  # w = 0, never decoded
+    with pytest.raises(InputError, match="d >= 2"):
+        report.search_svg(search.hierarchical_grid_search(cosine_objective((1.0,)), 1, iterations=1)["iterations"], ["x"])
+
+
+def test_svg_best_point_follows_algorithm_1_ties():
+    """The ring follows Alg. 1, lines 10-14: the first maximum of an iteration, replaced only by a strictly
+    better one later (a tie in a later iteration keeps the earlier point)."""
+    history = [{"means": [None, 0.5, 0.9, 0.9]}, {"means": [0.9, 0.8, 0.2, 0.1]}, {"means": [0.1, 0.95, 0.95, 0.0]}]
+    assert report.best_point(history) == (2, 1)
+    assert report.best_point(history[:2]) == (0, 2)
+    assert report.best_point([{"means": [None, None]}]) is None
 
 
 # ----------------------------------------------------------------------------- weights on the command line

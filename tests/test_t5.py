@@ -404,3 +404,71 @@ def test_top_k_filter_keeps_ties():
     assert t5.top_k_filter(scores, 2).isfinite().tolist() == [[False, True, True, False]]
     assert t5.top_k_filter(scores, 1).isfinite().tolist() == [[False, True, True, False]]
     assert t5.top_k_filter(scores, 0).isfinite().all()
+
+
+@pytest.mark.parametrize("layout", ["transformers-5", "official"])
+def test_mt5_follows_hf_family_rule(spiece, tmp_path, layout):
+    """mT5 saved by transformers 5 says tie_word_embeddings true and has no scale_decoder_outputs key, yet HF's
+    MT5 never rescales the decoder output: reading it as a T5 v1.0 would scale the logits by d_model^-0.5.
+    "official": the layout of google/mt5-* (tie_word_embeddings false, its own lm_head.weight)."""
+    torch.manual_seed(3)
+    hf = transformers.MT5ForConditionalGeneration(transformers.MT5Config(**TINY, feed_forward_proj="gated-gelu"))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("layer_norm.weight") else p.normal_(0.0, p.shape[-1] ** -0.5)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "spiece.model").write_bytes(open(spiece, "rb").read())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "mt5" and config["tie_word_embeddings"] is True and "scale_decoder_outputs" not in config
+    if layout == "official":
+        config["tie_word_embeddings"] = False
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        state = {k: v.clone() for k, v in hf.state_dict().items()}  # no shared storage in a safetensors file
+        state["lm_head.weight"] = torch.randn(VOCAB, 32) * 32 ** -0.5
+        t5.save_safetensors(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.MT5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ours, _ = t5.load_t5(str(tmp_path))
+    assert not ours.config.scale_decoder_outputs
+    assert ours.config.tie_word_embeddings == (layout != "official")
+    ids, mask = batch()
+    decoder_ids = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        close(ours(ids, mask, decoder_ids), hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits)
+
+
+def test_unsupported_t5_family_is_refused(good_dir):
+    config = json.loads(open(os.path.join(good_dir, "config.json")).read())
+    config["model_type"] = "umt5"  # per-layer position biases: another architecture
+    open(os.path.join(good_dir, "config.json"), "w").write(json.dumps(config))
+    expect_error(good_dir, "model_type 'umt5'")
+
+
+def test_safetensors_files_are_byte_identical_across_processes(tmp_path):
+    """The safetensors writer keeps the metadata in a hash map whose order changes per process; save_safetensors
+    writes the same bytes for the same tensors in any process (eight metadata keys: 8! orders to fall into)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch, t5\n"
+              "g = torch.Generator().manual_seed(0)\n"
+              "tensors = {'b.weight': torch.randn(3, 4, generator=g), 'a.bias': torch.arange(5), 'c': torch.ones(2, dtype=torch.bfloat16)}\n"
+              "t5.save_safetensors(tensors, sys.argv[1], metadata={f'key{i}': f'value {i}' for i in range(7)} | {'format': 'pt'})\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for file in files:
+        subprocess.run([sys.executable, "-c", script, str(file)], check=True, cwd=root, timeout=120)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    from safetensors import safe_open
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {**{f"key{i}": f"value {i}" for i in range(7)}, "format": "pt"}
+        assert torch.equal(f.get_tensor("a.bias"), torch.arange(5))
+    assert (len(files[0].read_bytes()) - 8 - int.from_bytes(files[0].read_bytes()[:8], "little")) == 3 * 4 * 4 + 5 * 8 + 2 * 2
+
+
+def test_t5_folder_saved_by_transformers_5_without_spiece_model(good_dir):
+    """transformers 5 writes a T5 tokenizer as tokenizer.json only: the error says what to copy."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(good_dir)
+    os.remove(os.path.join(good_dir, "spiece.model"))
+    tokenizer.save_pretrained(good_dir)
+    assert not os.path.exists(os.path.join(good_dir, "spiece.model"))
+    expect_error(good_dir, "spiece.model: file not found", "copy spiece.model from the original checkpoint")
