@@ -1,7 +1,7 @@
 """emorl — the command line of EMORL (Kong et al., 2025): train one adapter per objective, search the
 aggregation weights, generate and evaluate.
 
-    python emorl.py train reflection|empathy|fluency|uniform|dynaopt|all   # §4 training stage (scst.py)
+    python emorl.py train reflection|empathy|fluency|NAME|uniform|dynaopt|all   # §4 training stage (scst.py)
     python emorl.py search      # §4.2, Algorithm 1: hierarchical grid search of the weights (search.py)
     python emorl.py generate --weights 0.8,0.5,0.05 "client statement"     # §4.1, Eq. (2)
     python emorl.py evaluate    # §5, Tables 1 and 2
@@ -12,17 +12,33 @@ Every command defaults to the embedded assets under data/ and takes flags pointi
 A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2. Flag
 values are checked when parsed (ranges, finite numbers, a device that exists), output folders before any
 work; relative output paths (--runs, --out) are taken from the current directory.
+
+Objectives are named scorers (§5.4's scalability): the built-ins reflection, empathy, fluency (flags
+--reflection/--empathy/--fluency DIR), the embedded default's plugged ones (DEFAULT_PLUGGED, when
+shipped), and any `--scorer NAME=DIR[:LABEL]` (rewards.load_scorer reads its kind from DIR/config.json).
+`--objectives a,b,c,d` picks any d of them for search / generate / evaluate and for train
+uniform|dynaopt|all; a new objective is `train NAME` alone, then a search with d + 1 objectives.
+`train all --jobs N` trains the objectives in N processes (Eq. 3 counts the longest run).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import re
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ASSETS = os.path.join(HERE, "data", "default")
 DEFAULT_DATA = os.path.join(HERE, "data", "pair_sample.csv")
-SCORER_NAMES = ("reflection", "empathy", "fluency")
+SCORER_NAMES = ("reflection", "empathy", "fluency")     # the built-in objectives, each with its own flag
+BASELINES = ("uniform", "dynaopt")
+# Names an objective cannot take: methods and columns of evaluate's tables, train's own words.
+RESERVED = BASELINES + ("all", "base", "param", "logit", "hidden", "average", "seconds", "seed")
+# Plugged scorers the embedded default ships: objective -> (folder under DEFAULT_ASSETS, label scored).
+DEFAULT_PLUGGED = {"autonomy": ("autonomy", "autonomy")}
+OBJECTIVE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")   # a run folder <name>-<seed> and a LoRA adapter name
 
 
 # ----------------------------------------------------------------------------- flags, checked at parse time
@@ -113,6 +129,11 @@ def device(text):
     return text
 
 
+def devices(text):
+    """argparse type for train: one device or a comma-separated list (one per --jobs process)."""
+    return ",".join(device(part.strip()) for part in text.split(","))
+
+
 positive = integer(1)
 seed = integer(0, 2**63 - 1)
 fraction = number(0.0, 1.0, low_open=True)
@@ -129,12 +150,17 @@ def prepare_output(folder, what, names=None):
 
 
 # ----------------------------------------------------------------------------- shared loading
-def add_model_flags(parser, scorers=True):
+def add_model_flags(parser, scorers=True, device_type=device):
     parser.add_argument("--policy", default=os.path.join(DEFAULT_ASSETS, "policy"), help="T5 directory (HF layout)")
     if scorers:
         for name in SCORER_NAMES:
             parser.add_argument(f"--{name}", default=os.path.join(DEFAULT_ASSETS, name), help=f"{name} scorer directory")
-    parser.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (must exist here)")
+        parser.add_argument("--scorer", action="append", default=[], metavar="NAME=DIR[:LABEL]",
+                            help="plug in objective NAME scored by the classifier / GPT-2 in DIR (LABEL: the "
+                                 "classifier's label to score); repeatable")
+    parser.add_argument("--objectives", metavar="A,B,...",
+                        help="comma-separated objectives (default: reflection,empathy,fluency)")
+    parser.add_argument("--device", type=device_type, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (must exist here)")
     parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same result)")
 
 
@@ -150,9 +176,69 @@ def load_policy(args):
     return model, tokenizer
 
 
-def load_scorers(args, names=SCORER_NAMES):
+def check_objective_name(name: str, what: str):
+    from t5 import InputError
+    if not OBJECTIVE_NAME.fullmatch(name):
+        raise InputError(f"{what}: objective name {name!r} must be letters, digits and _, starting with a letter")
+    if name in RESERVED:
+        raise InputError(f"{what}: {name!r} is reserved (a method or column name), choose another objective name")
+
+
+def parse_scorer(text: str) -> tuple[str, str, str | None]:
+    """--scorer NAME=DIR or NAME=DIR:LABEL -> (name, directory, label or None)."""
+    from t5 import InputError
+    name, equals, directory = text.partition("=")
+    name, label = name.strip(), None
+    if not equals or not name or not directory:
+        raise InputError(f"--scorer {text!r}: expected NAME=DIR or NAME=DIR:LABEL")
+    check_objective_name(name, f"--scorer {text!r}")
+    if name in SCORER_NAMES:
+        raise InputError(f"--scorer {text!r}: {name!r} is a built-in objective; give its scorer with --{name} DIR")
+    if ":" in directory and not os.path.isdir(directory):
+        directory, label = directory.rsplit(":", 1)
+        if not directory or not label:
+            raise InputError(f"--scorer {text!r}: expected NAME=DIR:LABEL with a folder and a label")
+    return name, directory, label
+
+
+def known_scorers(args) -> dict[str, tuple[str, str | None]]:
+    """{objective: (scorer directory, label or None)}: the built-ins (--reflection/--empathy/--fluency),
+    the embedded default's plugged scorers (when shipped), then every --scorer (replacing a default)."""
+    from t5 import InputError
+    known = {name: (getattr(args, name), None) for name in SCORER_NAMES}
+    for name, (folder, label) in DEFAULT_PLUGGED.items():
+        if os.path.isdir(os.path.join(DEFAULT_ASSETS, folder)):
+            known[name] = (os.path.join(DEFAULT_ASSETS, folder), label)
+    given = set()
+    for text in args.scorer:
+        name, directory, label = parse_scorer(text)
+        if name in given:
+            raise InputError(f"--scorer: objective {name!r} given twice")
+        given.add(name)
+        known[name] = (directory, label)
+    return known
+
+
+def parse_objectives(text: str | None, known: dict | None) -> list[str]:
+    """--objectives a,b,c (None: the three built-ins): distinct names, each in `known` (None: any valid
+    name, for generate, which reads adapters only)."""
+    from t5 import InputError
+    names = [name.strip() for name in (text or ",".join(SCORER_NAMES)).split(",")]
+    for name in names:
+        if known is not None and name not in known:
+            raise InputError(f"--objectives {text}: unknown objective {name!r} (known: {', '.join(known)}; "
+                             "plug one in with --scorer NAME=DIR)")
+        check_objective_name(name, f"--objectives {text}")
+    repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if repeated:
+        raise InputError(f"--objectives {text}: {repeated!r} is listed twice")
+    return names
+
+
+def load_scorers(args, names, known):
+    """The scorers of objectives `names` on args.device, in that order."""
     import rewards
-    return rewards.load_scorers({name: getattr(args, name) for name in names}, device=args.device)
+    return rewards.load_scorers({name: known[name] for name in names}, device=args.device)
 
 
 def load_splits(args) -> dict:
@@ -163,7 +249,7 @@ def load_splits(args) -> dict:
     return data.split_dataset(examples, args.split_seed)
 
 
-def newest_adapters(runs_dir: str, names=SCORER_NAMES) -> list[str]:
+def newest_adapters(runs_dir: str, names) -> list[str]:
     """The newest finished run per objective under runs/ (by summary.json time)."""
     from evaluate import find_runs
     from t5 import InputError
@@ -178,42 +264,103 @@ def newest_adapters(runs_dir: str, names=SCORER_NAMES) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- commands
-def cmd_train(args):
-    import scst
+def training_runs(args, known) -> list[str]:
+    """The runs `train OBJECTIVE` asks for; sets args.objectives, the objectives uniform / dynaopt combine."""
+    from t5 import InputError
+    explicit, args.objectives = args.objectives is not None, parse_objectives(args.objectives, known)
+    if args.objective == "all":
+        return list(args.objectives)
+    if args.objective in BASELINES:
+        if len(args.objectives) < 2:
+            raise InputError(f"train {args.objective}: --objectives needs at least 2 objectives to combine")
+        return [args.objective]
+    if args.objective not in known:
+        raise InputError(f"unknown objective {args.objective!r} (known: {', '.join(known)}, uniform, dynaopt, all; "
+                         "plug one in with --scorer NAME=DIR)")
+    if explicit:
+        raise InputError(f"train {args.objective} trains that objective alone; --objectives is for uniform, dynaopt and all")
+    return [args.objective]
 
-    objectives = list(SCORER_NAMES) if args.objective == "all" else [args.objective]
+
+def train_job(job) -> list[dict]:
+    """Train the runs [(objective, device), ...] of one job one after another, in this process."""
+    import scst
+    args, runs, known = job
+    splits = load_splits(args)
+    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
+    # Validation records the built-ins and every objective trained here.
+    names = list(dict.fromkeys([*SCORER_NAMES, *args.objectives, *(o for o, _ in runs if o not in BASELINES)]))
+    scorers, summaries = {}, []
+    for objective, device in runs:
+        run_args = copy.copy(args)
+        run_args.objective, run_args.device = objective, device
+        run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            check_finished_run(run_dir, run_args)
+            print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
+            continue
+        if device not in scorers:
+            scorers[device] = load_scorers(run_args, names, known)
+        model, tokenizer = load_policy(run_args)
+        summary = scst.train(model, tokenizer, scorers[device], splits["train"], validation_prompts, run_args, run_dir)
+        print(f"{objective}: {summary['steps']} steps, {summary['data_points']} data points, "
+              f"{summary['wall_seconds']:.1f}s, converged {summary['converged']}, "
+              f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
+        summaries.append(summary)
+    return summaries
+
+
+def check_finished_run(run_dir, args):
+    """A finished uniform / dynaopt run must have combined the objectives asked for now."""
+    import t5
+    if args.objective in BASELINES:
+        trained = t5.read_json(os.path.join(run_dir, "summary.json")).get("objectives", list(SCORER_NAMES))
+        if trained != list(args.objectives):
+            raise t5.InputError(f"{run_dir} combined {','.join(trained)}, not {','.join(args.objectives)}: "
+                                "choose another --runs folder or delete it")
+
+
+def cmd_train(args):
+    from t5 import InputError
+    known = known_scorers(args)
+    objectives = training_runs(args, known)
+    devices = [device.strip() for device in args.device.split(",")]
+    jobs = min(args.jobs, len(objectives))
+    if len(devices) > jobs:
+        raise InputError(f"--device {args.device}: {len(devices)} devices for {jobs} job(s); one device per job")
     for objective in objectives:
         prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}"), f"--runs {args.runs}")
         prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}", "adapter"), f"--runs {args.runs}")
-    splits = load_splits(args)
-    scorers = load_scorers(args)
-    validation_prompts = [e.prompt for e in splits["aggregation"]][: args.val_prompts]   # None: all, as the authors
-    for objective in objectives:
-        run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
-        if os.path.exists(os.path.join(run_dir, "summary.json")):
-            print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
-            continue
-        model, tokenizer = load_policy(args)
-        args.objective = objective
-        summary = scst.train(model, tokenizer, scorers, splits["train"], validation_prompts, args, run_dir)
-        print(f"{objective}: {summary['steps']} steps, {summary['data_points']} data points, "
-              f"{summary['wall_seconds']:.1f}s, converged {summary['converged']}, "
-              f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})")
+    # Job j trains objectives j, j + N, j + 2N, ... on devices[j mod len(devices)].
+    plan = [(args, [(name, devices[j % len(devices)]) for name in objectives[j::jobs]], known) for j in range(jobs)]
+    started = time.time()
+    if jobs == 1:
+        summaries = train_job(plan[0])
+    else:
+        import multiprocessing
+        print(f"training {', '.join(objectives)} in {jobs} processes on {', '.join(devices)}", flush=True)
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:   # an error stops every job
+            summaries = [summary for done in pool.imap_unordered(train_job, plan) for summary in done]
+            pool.close()
+            pool.join()
+    if len(objectives) > 1 and summaries:
+        print(f"trained {len(summaries)} runs in {jobs} process(es): {time.time() - started:.1f}s wall; "
+              f"Eq. (3) counts the longest run, {max(s['wall_seconds'] for s in summaries):.1f}s")
 
 
-def adapter_dirs(args) -> list[str]:
+def adapter_dirs(args, names) -> list[str]:
     """The objective adapters' folders: --adapters, or the newest finished run of each objective."""
     from t5 import InputError
-    directories = args.adapters or newest_adapters(args.runs)
-    if len(directories) != len(SCORER_NAMES):
-        raise InputError(f"--adapters: expected {len(SCORER_NAMES)} folders ({', '.join(SCORER_NAMES)}), got {len(directories)}")
+    directories = args.adapters or newest_adapters(args.runs, names)
+    if len(directories) != len(names):
+        raise InputError(f"--adapters: expected {len(names)} folders ({', '.join(names)}), got {len(directories)}")
     return [os.path.abspath(d) for d in directories]
 
 
-def load_adapters(model, directories):
+def load_adapters(model, directories, names):
     """Load the adapters into `model`, named by objective."""
     import lora
-    for name, directory in zip(SCORER_NAMES, directories):
+    for name, directory in zip(names, directories):
         lora.load_adapter(model, directory, name)
 
 
@@ -222,21 +369,26 @@ def cmd_search(args):
     import torch
     from t5 import InputError
     torch.manual_seed(args.seed)
+    known = known_scorers(args)
+    names = parse_objectives(args.objectives, known)
     svg = os.path.splitext(args.out)[0] + ".svg"
     if os.path.isdir(args.out):
         raise InputError(f"--out {args.out}: is a folder; give the path of the .json file to write")
     prepare_output(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}",
                    [os.path.basename(args.out), os.path.basename(svg)])
-    adapters = adapter_dirs(args)
+    if len(names) < 2:
+        raise InputError(f"search --objectives {','.join(names)}: the weights of a single adapter need no search; "
+                         "give at least 2 objectives")
+    adapters = adapter_dirs(args, names)
     prompts = [e.prompt for e in load_splits(args)["aggregation"]]
-    scorers = load_scorers(args)
+    scorers = load_scorers(args, names, known)
     model, tokenizer = load_policy(args)
-    load_adapters(model, adapters)
-    objective = search.make_objective(model, tokenizer, list(SCORER_NAMES), scorers, prompts, level=args.level,
+    load_adapters(model, adapters, names)
+    objective = search.make_objective(model, tokenizer, names, scorers, prompts, level=args.level,
                                       batch_size=args.batch_size, device=args.device)
     meta = {"adapters": adapters, "level": args.level, "data": os.path.abspath(args.data), "sample": args.sample,
             "split_seed": args.split_seed, "prompts": len(prompts)}
-    search.run_search(objective, SCORER_NAMES, out_path=args.out, iterations=args.iterations, svg_path=svg, meta=meta)
+    search.run_search(objective, names, out_path=args.out, iterations=args.iterations, svg_path=svg, meta=meta)
 
 
 def cmd_generate(args):
@@ -244,13 +396,14 @@ def cmd_generate(args):
     import search
     import torch
     torch.manual_seed(args.seed)
-    weights = search.parse_weights(args.weights, len(SCORER_NAMES))
-    adapters = adapter_dirs(args)
+    names = parse_objectives(args.objectives, None)
+    weights = search.parse_weights(args.weights, len(names))
+    adapters = adapter_dirs(args, names)
     model, tokenizer = load_policy(args)
-    load_adapters(model, adapters)
+    load_adapters(model, adapters, names)
     ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
     model.eval()
-    tokens = search.ensemble_generate(model, list(SCORER_NAMES), weights, ids, mask, level=args.level,
+    tokens = search.ensemble_generate(model, names, weights, ids, mask, level=args.level,
                                       max_new_tokens=args.max_new_tokens)
     for text in tokenizer.batch_decode(tokens):
         print(text)
@@ -261,6 +414,8 @@ def cmd_evaluate(args):
     import t5
     import torch
     torch.manual_seed(args.seed)
+    known = known_scorers(args)
+    names = parse_objectives(args.objectives, known)
     outputs = [args.out + ".md", args.out + ".csv"]
     prepare_output(os.path.dirname(os.path.abspath(outputs[0])), f"--out {args.out}",
                    [os.path.basename(p) for p in outputs])
@@ -268,9 +423,9 @@ def cmd_evaluate(args):
     if search_result is None:
         print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
     prompts = [e.prompt for e in load_splits(args)["inference"]]
-    results = evaluate.evaluate(lambda: load_policy(args), load_scorers(args), prompts, args.runs, search_result,
-                                batch_size=args.batch_size, device=args.device)
-    markdown, table_csv = evaluate.tables(results)
+    results = evaluate.evaluate(lambda: load_policy(args), load_scorers(args, names, known), prompts, args.runs,
+                                search_result, batch_size=args.batch_size, device=args.device, objectives=names)
+    markdown, table_csv = evaluate.tables(results, objectives=names)
     t5.atomic_write(args.out + ".md", markdown)
     t5.atomic_write(args.out + ".csv", table_csv)
     print(markdown + f"({len(prompts)} inference prompts; {args.out}.md, {args.out}.csv)")
@@ -302,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
-    train.add_argument("objective", choices=["reflection", "empathy", "fluency", "uniform", "dynaopt", "all"],
-                       help="one objective's adapter, a baseline (uniform, dynaopt) or all three objectives")
-    add_model_flags(train)
+    train.add_argument("objective", help="reflection, empathy, fluency, a plugged objective (--scorer), uniform, "
+                                         "dynaopt, or all (every objective of --objectives, one adapter each)")
+    add_model_flags(train, device_type=devices)
     add_data_flags(train)
     train.add_argument("--runs", default="runs", help="output folder, relative to the current directory (not to "
                        "emorl.py, unlike the model defaults); each run goes to RUNS/<objective>-<seed>/")
@@ -325,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
                        help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
     train.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
+    train.add_argument("--jobs", type=positive, default=1,
+                       help="train all: N processes at once (--device a,b,...: one device per process)")
     train.add_argument("--top-k", type=integer(0), default=50,
                        help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
     train.set_defaults(func=cmd_train)
@@ -332,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_aggregation_flags(sub):
         sub.add_argument("--runs", default="runs", help="folder of training runs, relative to the current directory")
         sub.add_argument("--adapters", nargs="+", metavar="DIR",
-                         help=f"adapter folders in the order {', '.join(SCORER_NAMES)} (default: newest runs)")
+                         help="adapter folders, one per objective in --objectives order (default: newest runs)")
         sub.add_argument("--level", choices=["hidden", "logit", "param"], default="hidden", help="aggregation level")
 
     search_cmd = commands.add_parser("search", help="hierarchical grid search of the aggregation weights (Algorithm 1)")

@@ -3,9 +3,11 @@ consumption) and Table 2 (reflection / empathy / fluency / average), §5 and SPE
 
 Methods, all decoded greedily (≤ 64 new tokens) from one base T5 with the trained adapters loaded:
   base                   the policy with every adapter disabled (T5-base in the paper)
-  reflection/empathy/fluency, uniform, dynaopt   one trained adapter each (runs/<method>-<seed>/adapter)
-  param / logit / hidden the three single-objective adapters aggregated with the searched weights
-                         (search.json), Appendix 11.1 / 11.2 / Eq. (2)
+  reflection/empathy/fluency, uniform, dynaopt   one trained adapter each (runs/<method>-<seed>/adapter;
+                         every such run found, plugged objectives' too)
+  param / logit / hidden the search's objective adapters (search.json's "objectives", any d) aggregated
+                         with the searched weights, Appendix 11.1 / 11.2 / Eq. (2)
+Score columns: one per objective of `objectives` (evaluate --objectives) and their average.
 Rows are mean ± std over training seeds (the seeds whose runs exist under runs/).
 
 Consumption: a single-policy method reports its own run's data points and wall time. The aggregated
@@ -41,13 +43,18 @@ LEVELS = ("param", "logit", "hidden")
 COLUMNS = ("reflection", "empathy", "fluency", "average", "diversity-2", "edit rate", "data points", "seconds")
 
 
+def columns(objectives=SINGLE) -> tuple:
+    """A column per objective, their average, then Table 1's columns."""
+    return (*objectives, *COLUMNS[len(SINGLE):])
+
+
 def find_runs(runs_dir: str) -> dict[int, dict[str, str]]:
-    """{seed: {method: run folder}} for every finished run (summary.json present) under runs_dir."""
+    """{seed: {method: run folder}} for every finished run <method>-<seed> (summary.json present) under runs_dir."""
     found: dict[int, dict[str, str]] = {}
     for summary in glob.glob(os.path.join(runs_dir, "*-*", "summary.json")):
         folder = os.path.dirname(summary)
         method, _, seed = os.path.basename(folder).rpartition("-")
-        if method in TRAINED and seed.lstrip("-").isdigit():
+        if method and method not in LEVELS + ("base",) and seed.lstrip("-").isdigit():
             found.setdefault(int(seed), {})[method] = folder
     return found
 
@@ -68,11 +75,11 @@ def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, 
     return texts
 
 
-def metrics(scorers: dict, prompts: list[str], responses: list[str]) -> dict[str, float]:
+def metrics(scorers: dict, prompts: list[str], responses: list[str], objectives=SINGLE) -> dict[str, float]:
     """Table 2's mean scores and Table 1's diversity-2 and edit rate for one set of generations."""
-    scores = rewards.score_all({name: scorers[name] for name in SINGLE}, prompts, responses)  # NaN-checked
-    row = {name: scores[name].float().mean().item() for name in SINGLE}
-    row["average"] = sum(row[n] for n in SINGLE) / len(SINGLE)
+    scores = rewards.score_all({name: scorers[name] for name in objectives}, prompts, responses)  # NaN-checked
+    row = {name: scores[name].float().mean().item() for name in objectives}
+    row["average"] = sum(row[n] for n in objectives) / len(objectives)
     row["diversity-2"] = rewards.diversity_2(responses)
     row["edit rate"] = statistics.fmean(rewards.edit_rate(p, r) for p, r in zip(prompts, responses))
     return row
@@ -92,48 +99,53 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 
 
 def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, search_result: dict | None,
-             batch_size: int = 16, device: str = "cpu") -> dict[str, list[dict]]:
-    """{method: [one metrics row per seed]}. load_policy() -> (model, tokenizer), a fresh base model."""
+             batch_size: int = 16, device: str = "cpu", objectives=SINGLE) -> dict[str, list[dict]]:
+    """{method: [one metrics row per seed]}, a score column per objective of `objectives`. load_policy() ->
+    (model, tokenizer), a fresh base model. Single-adapter rows: every run found; aggregated rows: the
+    adapters of the search's objectives."""
     if not prompts:
         raise InputError("the inference split is empty: give more data or a larger --sample")
     runs = find_runs(runs_dir)
     results: dict[str, list[dict]] = {}
     model, tokenizer = load_policy()
     texts = generate_texts(model, tokenizer, prompts, batch_size, device)
-    results["base"] = [metrics(scorers, prompts, texts)]
-    jobs = [(seed, m) for seed in sorted(runs) for m in TRAINED if m in runs[seed]]
+    results["base"] = [metrics(scorers, prompts, texts, objectives)]
+    order = list(dict.fromkeys([*objectives, *TRAINED, *sorted(m for seed in runs for m in runs[seed])]))
+    jobs = [(seed, m) for seed in sorted(runs) for m in order if m in runs[seed]]
+    aggregated = list((search_result or {}).get("objectives", SINGLE))
     if search_result is not None:
-        jobs += [(seed, level) for seed in sorted(runs) if all(n in runs[seed] for n in SINGLE) for level in LEVELS]
+        jobs += [(seed, level) for seed in sorted(runs) if all(n in runs[seed] for n in aggregated) for level in LEVELS]
     aggregation_seconds = sum(r.get("seconds", 0.0) for r in (search_result or {}).get("evaluations", []))
     for seed, method in tqdm(jobs, desc="evaluate", unit="method"):
         model, tokenizer = load_policy()
-        used = [method] if method in TRAINED else list(SINGLE)
+        used = aggregated if method in LEVELS else [method]
         summaries = []
         for name in used:
             lora.load_adapter(model, os.path.join(runs[seed][name], "adapter"), name)
             summaries.append(t5.read_json(os.path.join(runs[seed][name], "summary.json")))
-        aggregate = None if method in TRAINED else (list(SINGLE), search_result["best_weights"], method)
+        aggregate = None if method not in LEVELS else (aggregated, search_result["best_weights"], method)
         texts = generate_texts(model, tokenizer, prompts, batch_size, device, adapter=method, aggregate=aggregate)
-        row = metrics(scorers, prompts, texts)
-        row.update(consumption(summaries, 0.0 if method in TRAINED else aggregation_seconds))
+        row = metrics(scorers, prompts, texts, objectives)
+        row.update(consumption(summaries, aggregation_seconds if method in LEVELS else 0.0))
         row["seed"] = seed
         results.setdefault(method, []).append(row)
-        tqdm.write(f"{method} (seed {seed}) | " + " | ".join(f"{c} {row[c]:.4f}" for c in COLUMNS if c in row))
+        tqdm.write(f"{method} (seed {seed}) | " + " | ".join(f"{c} {row[c]:.4f}" for c in columns(objectives) if c in row))
     return results
 
 
-def tables(results: dict[str, list[dict]]) -> tuple[str, str]:
-    """(Markdown table, CSV text) of mean ± std per method."""
-    header = "| method | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+def tables(results: dict[str, list[dict]], objectives=SINGLE) -> tuple[str, str]:
+    """(Markdown table, CSV text) of mean ± std per method, a column per objective."""
+    table_columns = columns(objectives)
+    header = "| method | " + " | ".join(table_columns) + " |"
+    lines = [header, "|" + "---|" * (len(table_columns) + 1)]
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["method", "seeds"] + [f"{c} {stat}" for c in COLUMNS for stat in ("mean", "std")])
+    writer.writerow(["method", "seeds"] + [f"{c} {stat}" for c in table_columns for stat in ("mean", "std")])
     for method, rows in results.items():
-        cells = [mean_std([r[c] for r in rows if c in r], 0 if c in ("data points", "seconds") else 4) for c in COLUMNS]
+        cells = [mean_std([r[c] for r in rows if c in r], 0 if c in ("data points", "seconds") else 4) for c in table_columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         numbers = []
-        for c in COLUMNS:
+        for c in table_columns:
             values = [r[c] for r in rows if c in r]
             numbers += [statistics.fmean(values), statistics.pstdev(values)] if values else ["", ""]
         writer.writerow([method, len(rows)] + numbers)

@@ -1,6 +1,6 @@
-"""Rewards and metrics of EMORL: the three text scorers (paper §5.3, SPEC §3), the "logsum" reward
-combination (SPEC §2), Diversity-2 and edit rate (§5.3, Table 1), and the converter for the
-DynaOpt reflection-scorer checkpoint.
+"""Rewards and metrics of EMORL: the three text scorers (paper §5.3, SPEC §3) and plugged ones, the
+"logsum" reward combination (SPEC §2), Diversity-2 and edit rate (§5.3, Table 1), and the converter
+for the DynaOpt reflection-scorer checkpoint.
 
 Scorers (each maps a batch of (client prompt, response) pairs to FloatTensor[N] in [0, 1]):
 - reflection: RoBERTa cross-encoder over <s> prompt </s></s> response </s> -> encoder (no pooler)
@@ -10,6 +10,11 @@ Scorers (each maps a batch of (client prompt, response) pairs to FloatTensor[N] 
 - fluency: GPT-2 on the token concatenation BPE(prompt) + BPE(response) (what the public code's
   GPT2Tokenizer(prompt, response) pair call produces: no space, no special token in between);
   ppl = exp(mean next-token NLL), score = (50 - ppl) / 50 clipped to [0, 1].
+- a plugged objective (any other name, issue 13; `--scorer NAME=DIR[:LABEL]`): its kind read from
+  DIR/config.json: a BERT / DistilBERT / RoBERTa sequence classifier (num_labels 1: the logit clamped
+  to [0, 1], as empathy; num_labels >= 2: the softmax probability of LABEL, a name from id2label or an
+  index) or a GPT-2 LM (scored as fluency). This is how the paper's "adding new objectives" (§5.4) gets
+  its scorer; nothing else in the pipeline depends on which objectives exist.
 As in the public code, a prompt is the client statement: text from "[SEP]" on is dropped and the
 rest stripped, so `prompt` and `prompt + " [SEP] "` score the same. Diversity-2 is the public code's
 per-text distinct-2 (whitespace words) averaged over the set.
@@ -235,29 +240,95 @@ def load_distilbert_classifier(directory, raw: dict, device="cpu") -> DistilBert
     return model.to(device).eval()
 
 
-class EmpathyScorer(Scorer):
+class RobertaClassifier(nn.Module):
+    """HF RobertaForSequenceClassification: RoBERTa (no pooler) -> h_<s> -> classifier.dense -> tanh
+    -> classifier.out_proj -> logits [B, num_labels] (keys roberta.*, classifier.dense.*, classifier.out_proj.*)."""
+
+    def __init__(self, config: bert.BertConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = bert.BertModel(config, add_pooling_layer=False)
+        self.classifier = nn.Module()
+        self.classifier.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):   # RoBERTa has one token type
+        cls = self.roberta(input_ids, attention_mask)[:, 0]
+        return self.classifier.out_proj(torch.tanh(self.classifier.dense(cls)))
+
+
+def label_index(raw: dict, num_labels: int, label, directory) -> int | None:
+    """The output a classifier scores: None (its single logit) for num_labels 1, else the index of
+    `label`, a name from config.json's id2label or an index."""
+    if num_labels == 1:
+        if label is not None:
+            raise InputError(f"{directory}: the classifier has a single output (a regression logit); drop ':{label}'")
+        return None
+    names = [str(raw.get("id2label", {}).get(str(i), i)) for i in range(num_labels)]
+    if label is None:
+        raise InputError(f"{directory}: the classifier has {num_labels} labels ({', '.join(names)}): "
+                         f"name the one to score as NAME=DIR:LABEL")
+    if str(label) in names:
+        return names.index(str(label))
+    if str(label).isdigit() and int(label) < num_labels:
+        return int(label)
+    raise InputError(f"{directory}: unknown label {label!r} (labels: {', '.join(names)}, or an index 0-{num_labels - 1})")
+
+
+class ClassifierScorer(Scorer):
+    """A sequence classifier over the pair ([CLS] prompt [SEP] response [SEP], or RoBERTa's <s> prompt
+    </s></s> response </s>): BERT, DistilBERT or RoBERTa (config.json's model_type). Score = the logit
+    clamped to [0, 1] for num_labels 1 (the empathy scorer), else softmax(logits)[label]."""
+    name = "classifier"
+
+    def __init__(self, model, tokenizer, device="cpu", batch_size=32, label=None):
+        super().__init__(model, tokenizer, device, batch_size)
+        self.label = label
+
+    @classmethod
+    def from_dir(cls, directory, device="cpu", batch_size=32, label=None):
+        raw = t5.read_json(os.path.join(directory, "config.json"))
+        if raw.get("model_type") == "distilbert":
+            model = load_distilbert_classifier(directory, raw, device)
+        elif raw.get("model_type") == "roberta":
+            model = bert.load_bert(directory, head=RobertaClassifier, device=device)
+        else:
+            model = bert.load_bert(directory, head="classification", device=device)
+        if raw.get("model_type") == "roberta":
+            tokenizer = gpt2.ByteLevelBPETokenizer.from_dir(directory)
+            check_vocab(len(tokenizer.encoder), model.config.vocab_size, directory)
+        else:
+            tokenizer = bert.WordPieceTokenizer.from_dir(directory)
+            check_vocab(tokenizer.vocab_size, model.config.vocab_size, directory)
+        return cls(model, tokenizer, device, batch_size, label_index(raw, model.config.num_labels, label, directory))
+
+    def score_batch(self, prompts, responses):
+        config = self.model.config
+        if config.model_type == "roberta":                  # positions start at pad_token_id + 1
+            max_length = min(512, config.max_position_embeddings - config.pad_token_id - 1)
+            batch = self.tokenizer.batch_encode_roberta(prompts, responses, max_length=max_length, device=self.device)
+        else:
+            max_length = min(512, config.max_position_embeddings)
+            batch = self.tokenizer.batch_encode(prompts, responses, max_length=max_length, device=self.device)
+        logits = self.model(**batch)
+        if self.label is None:
+            return logits[:, 0].clamp(0.0, 1.0)
+        return logits.float().softmax(dim=-1)[:, self.label]
+
+
+class EmpathyScorer(ClassifierScorer):
     """Empathy score = clamp(classifier logit over [CLS] prompt [SEP] response [SEP], 0, 1); the classifier
     is a BERT (model_type "bert") or DistilBERT (model_type "distilbert", the paper's bert-empathy)."""
     name = "empathy"
 
     @classmethod
-    def from_dir(cls, directory, device="cpu", batch_size=32):
+    def from_dir(cls, directory, device="cpu", batch_size=32, label=None):
         raw = t5.read_json(os.path.join(directory, "config.json"))
-        if raw.get("model_type") == "distilbert":
-            model = load_distilbert_classifier(directory, raw, device)
-        else:
-            model = bert.load_bert(directory, head="classification", device=device)
-        if model.config.num_labels != 1:
-            raise InputError(f"{directory}: the empathy classifier has {model.config.num_labels} labels, "
+        num_labels = len(raw["id2label"]) if "id2label" in raw else raw.get("num_labels", 2)
+        if num_labels != 1:
+            raise InputError(f"{directory}: the empathy classifier has {num_labels} labels, "
                              "expected 1 (a regression logit)")
-        tokenizer = bert.WordPieceTokenizer.from_dir(directory)
-        check_vocab(tokenizer.vocab_size, model.config.vocab_size, directory)
-        return cls(model, tokenizer, device, batch_size)
-
-    def score_batch(self, prompts, responses):
-        max_length = min(512, self.model.config.max_position_embeddings)
-        batch = self.tokenizer.batch_encode(prompts, responses, max_length=max_length, device=self.device)
-        return self.model(**batch)[:, 0].clamp(0.0, 1.0)
+        return super().from_dir(directory, device, batch_size)
 
 
 class FluencyScorer(Scorer):
@@ -288,14 +359,42 @@ class FluencyScorer(Scorer):
 
 
 SCORERS = {"reflection": ReflectionScorer, "empathy": EmpathyScorer, "fluency": FluencyScorer}
+# A plugged objective's scorer kind, from config.json's model_type (with `architectures`, when written,
+# naming a sequence classifier or a GPT-2 LM head).
+PLUGGED_KINDS = {"bert": (ClassifierScorer, "ForSequenceClassification"),
+                 "distilbert": (ClassifierScorer, "ForSequenceClassification"),
+                 "roberta": (ClassifierScorer, "ForSequenceClassification"), "gpt2": (FluencyScorer, "LMHeadModel")}
+
+
+def load_scorer(name: str, directory: str, label=None, device="cpu", batch_size=32) -> Scorer:
+    """The scorer of objective `name`: a built-in objective's own scorer, or a plugged one whose kind
+    config.json says (a BERT / DistilBERT / RoBERTa sequence classifier, `label` picking the output of a
+    multi-label one, or a GPT-2 LM scored like fluency)."""
+    if name in SCORERS:
+        if label is not None:
+            raise InputError(f"{name}: the built-in scorer takes no label (got ':{label}')")
+        return SCORERS[name].from_dir(directory, device, batch_size)
+    raw = t5.read_json(os.path.join(directory, "config.json"))
+    model_type, architectures = raw.get("model_type"), raw.get("architectures") or []
+    kind, head = PLUGGED_KINDS.get(model_type, (None, None))
+    if kind is None or (architectures and not any(str(a).endswith(head) for a in architectures)):
+        found = f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
+        raise InputError(f"{directory}: cannot score objective '{name}' with this model ({found}); expected a BERT, "
+                         "DistilBERT or RoBERTa sequence classifier or a GPT-2 LM")
+    if kind is FluencyScorer:
+        if label is not None:
+            raise InputError(f"{directory}: a GPT-2 scorer (perplexity) has no labels; drop ':{label}'")
+        scorer = FluencyScorer.from_dir(directory, device, batch_size)
+    else:
+        scorer = ClassifierScorer.from_dir(directory, device, batch_size, label=label)
+    scorer.name = name                                    # named in its error messages
+    return scorer
 
 
 def load_scorers(directories: dict, device="cpu", batch_size=32) -> dict:
-    """{objective: scorer directory} -> {objective: scorer}, in the given order."""
-    unknown = [name for name in directories if name not in SCORERS]
-    if unknown:
-        raise InputError(f"unknown objective {unknown[0]!r} (expected one of {', '.join(OBJECTIVES)})")
-    return {name: SCORERS[name].from_dir(path, device, batch_size) for name, path in directories.items()}
+    """{objective: scorer directory, or (directory, label)} -> {objective: scorer}, in the given order."""
+    specs = {name: spec if isinstance(spec, tuple) else (spec, None) for name, spec in directories.items()}
+    return {name: load_scorer(name, path, label, device, batch_size) for name, (path, label) in specs.items()}
 
 
 def score_all(scorers: dict, prompts, responses) -> dict:

@@ -29,8 +29,7 @@ def test_every_command_has_help(command):
 
 
 def test_unknown_objective_exits_2():
-    result = run("train", "kindness")
-    assert result.returncode == 2 and "invalid choice: 'kindness'" in result.stderr
+    assert_one_line_error(run("train", "kindness"), "unknown objective 'kindness'", "--scorer NAME=DIR")
 
 
 def test_missing_policy_directory(tmp_path):
@@ -137,3 +136,79 @@ def test_missing_scorer_weights(tmp_path):
 def test_a_split_too_small_to_train_on(tmp_path):
     result = run("train", "reflection", "--sample", "0.001", "--runs", str(tmp_path / "runs"))
     assert_one_line_error(result, "split is empty")
+
+
+# ----------------------------------------------------------------------------- objectives (issue 13)
+@pytest.fixture(scope="module")
+def two_label_classifier(tmp_path_factory):
+    """A tiny HF BertForSequenceClassification with labels advice / autonomy."""
+    from test_objectives import LABELS, bert_classifier
+    folder = tmp_path_factory.mktemp("autonomy")
+    bert_classifier(folder, [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], seed=4, id2label=LABELS)
+    return str(folder)
+
+
+def assert_main_error(capsys, argv, *needles):
+    """In-process emorl.main (no interpreter start): exit 2 and one line `error: ...` naming `needles`."""
+    import emorl
+    capsys.readouterr()
+    try:
+        status = emorl.main(argv)
+    except SystemExit as e:                              # argparse's errors (emorl.Parser.error)
+        status = e.code
+    assert status == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+SUBPROCESS_CHECKED = ("kindness", "reflection,kindness", "1,1,1", ":kindness")   # the rest run in-process
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["search", "--scorer", "kindness"], ["--scorer 'kindness'", "NAME=DIR"]),
+    (["search", "--scorer", "empathy=somewhere"], ["built-in", "--empathy DIR"]),
+    (["evaluate", "--scorer", "2nd=somewhere"], ["letters, digits and _"]),
+    (["train", "all", "--scorer", "uniform=somewhere"], ["'uniform' is reserved"]),
+    (["search", "--scorer", "kind=a", "--scorer", "kind=b"], ["'kind' given twice"]),
+    (["search", "--objectives", "reflection"], ["at least 2 objectives"]),
+    (["search", "--objectives", "reflection,kindness"], ["unknown objective 'kindness'", "--scorer"]),
+    (["evaluate", "--objectives", "reflection,empathy,reflection"], ["'reflection' is listed twice"]),
+    (["evaluate", "--objectives", "reflection,,fluency"], ["unknown objective ''"]),
+    (["generate", "hi", "--objectives", "reflection,empathy", "--weights", "1,1,1"], ["expected 2 weights"]),
+    (["generate", "hi", "--objectives", "reflection,empathy,fluency,kind", "--weights", "1,1,1"], ["expected 4 weights"]),
+    (["generate", "hi", "--objectives", "reflection,empathy", "--weights", "1,1", "--adapters", "a"], ["expected 2 folders"]),
+    (["generate", "hi", "--objectives", "reflection,no-dash", "--weights", "1,1"], ["'no-dash'"]),
+    (["train", "reflection", "--objectives", "reflection,empathy"], ["trains that objective alone"]),
+    (["train", "uniform", "--objectives", "empathy"], ["at least 2 objectives"]),
+    (["train", "all", "--jobs", "0"], ["--jobs", "must be a positive integer"]),
+    (["train", "all", "--device", "cpu,cpu"], ["2 devices for 1 job"]),
+    (["search", "--device", "cpu,cpu", "--adapters", "a", "b", "c"], ["'cpu,cpu' is not a torch device"]),
+    (["train", "all", "--device", "cpu,kettle"], ["'kettle' is not a torch device"]),
+])
+def test_bad_objectives_scorers_and_weights(argv, needles, tmp_path, capsys, monkeypatch):
+    argv = [*argv, "--runs", str(tmp_path / "runs")]
+    if any(text in argv for text in SUBPROCESS_CHECKED):
+        assert_one_line_error(run(*argv, cwd=tmp_path), *needles)
+    else:
+        monkeypatch.chdir(tmp_path)
+        assert_main_error(capsys, argv, *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("spec, needles", [
+    (lambda classifier: classifier + ":kindness", ["unknown label 'kindness'", "advice, autonomy"]),
+    (lambda classifier: classifier, ["2 labels (advice, autonomy)", "NAME=DIR:LABEL"]),
+    (lambda classifier: os.path.join(classifier, "nowhere") + ":autonomy", ["nowhere", "file not found"]),
+    (lambda classifier: DEFAULT_POLICY, ["cannot score objective 'kind'", "model_type 't5'"]),
+    (lambda classifier: os.path.join(ROOT, "data", "default", "empathy") + ":1", ["single output"]),
+])
+def test_bad_plugged_scorer(spec, needles, two_label_classifier, tmp_path, capsys, monkeypatch):
+    argv = ["search", "--objectives", "reflection,kind", "--scorer", f"kind={spec(two_label_classifier)}",
+            "--adapters", "a", "b", "--runs", str(tmp_path / "runs")]
+    if needles[0].startswith("unknown label"):
+        assert_one_line_error(run(*argv, cwd=tmp_path), *needles)
+    else:
+        monkeypatch.chdir(tmp_path)
+        assert_main_error(capsys, argv, *needles)

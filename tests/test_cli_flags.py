@@ -135,7 +135,7 @@ def test_number_and_integer_types_by_hand():
 
 # ----------------------------------------------------------------------------- 2. argparse's own errors
 @pytest.mark.parametrize("argv, needles", [
-    (["train", "foo"], ["invalid choice: 'foo'", "emorl.py train --help"]),
+    (["train", "foo"], ["unknown objective 'foo'", "--scorer NAME=DIR"]),
     (["train", "reflection", "--bogus", "1"], ["unrecognized arguments: --bogus 1"]),
     (["generate", "hello"], ["--weights", "required"]),
     (["evaluate", "--runs"], ["--runs", "expected one argument"]),
