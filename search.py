@@ -39,6 +39,7 @@ Deviations from the paper / public code:
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -258,6 +259,19 @@ def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hid
 
     objective.ray_invariant = level != "param"  # the memo key hierarchical_grid_search uses
     return objective
+
+
+def fingerprint(*paths) -> str:
+    """sha256 (16 hex digits) of the files' contents, or of every file in a folder (an adapter): what a
+    search.json compares instead of absolute paths, so a moved or copied project keeps its search."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)) if os.path.isdir(path) else [path]
+        for file in files:
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    digest.update(os.path.basename(file).encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
 
 
 def header_difference(stored: dict, header: dict) -> str | None:
