@@ -266,7 +266,8 @@ def fingerprint(*paths) -> str:
     search.json compares instead of absolute paths, so a moved or copied project keeps its search."""
     digest = hashlib.sha256()
     for path in paths:
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)) if os.path.isdir(path) else [path]
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")) \
+            if os.path.isdir(path) else [path]  # hidden files (.tmp-* leftovers) are not content
         for file in files:
             if os.path.isfile(file):
                 with open(file, "rb") as f:
