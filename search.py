@@ -19,7 +19,7 @@ Deviations from the paper / public code:
   (el_aggregation.py:101-140) takes each model's distribution from its own independently sampled
   continuation and never feeds the chosen tokens back: the merged text is not what any of the mixed
   distributions was conditioned on (a defect, not copied). The mixture is not the hidden level:
-  z1 = (5,0,4), z2 = (0,5,4), w = (0.6,0.4) -> Σ w z picks token 3, Σ w softmax(z) picks token 1 (tested).
+  z1 = (5,0,4), z2 = (0,5,4), w = (0.6,0.4): Σ w z picks the third token, Σ w softmax(z) the first (tested).
 - Each row stops at its own </s> (the paper's intent); the public code's hidden level runs every row
   until all rows emit </s> at the same step and keeps the text after a row's </s>
   (el_aggregation.py:228, el_test.py:175).
