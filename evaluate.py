@@ -174,7 +174,7 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
             row.update(seed=training_seed, run=run, decoding=f"top-{TOP_K} sample" if sampled else "greedy")
             results.setdefault(method, []).append(row)
             tqdm.write(f"{method} (seed {training_seed}, run {run}) | " +
-                       " | ".join(f"{c} {row[c]:.4f}" for c in columns(objectives) if c in row))
+                       " | ".join(f"{c} {number(row[c], c in INTEGER_COLUMNS)}" for c in columns(objectives) if c in row))
     return results
 
 
