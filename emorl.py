@@ -5,7 +5,8 @@ aggregation weights, generate and evaluate.
     python emorl.py search      # §4.2, Algorithm 1: hierarchical grid search of the weights (search.py)
     python emorl.py generate --weights 0.8,0.5,0.05 "client statement"     # §4.1, Eq. (2)
     python emorl.py evaluate    # §5, Tables 1 and 2
-    python emorl.py convert SRC DST          # a .pt/.bin scorer checkpoint -> safetensors
+    python emorl.py convert SRC DST          # a .pt/.bin scorer checkpoint -> safetensors, or
+                                             # the authors' LoRA .npz -> a PEFT-layout adapter folder
     python emorl.py build-default            # rebuild the embedded small models under data/default/
 
 Every command defaults to the embedded assets under data/ and takes flags pointing at real ones.
@@ -348,12 +349,17 @@ def cmd_train(args):
               f"Eq. (3) counts the longest run, {max(s['wall_seconds'] for s in summaries):.1f}s")
 
 
-def adapter_dirs(args, names) -> list[str]:
-    """The objective adapters' folders: --adapters, or the newest finished run of each objective."""
+def adapter_dirs(args, names, unique=False) -> list[str]:
+    """The objective adapters' folders: --adapters, or the newest finished run of each objective;
+    unique: one folder twice is refused (search would decode identical adapters for nothing)."""
     from t5 import InputError
     directories = args.adapters or newest_adapters(args.runs, names)
     if len(directories) != len(names):
         raise InputError(f"--adapters: expected {len(names)} folders ({', '.join(names)}), got {len(directories)}")
+    real = [os.path.realpath(d) for d in directories]
+    if unique and len(set(real)) != len(real):
+        twice = next(d for d, r in zip(directories, real) if real.count(r) > 1)
+        raise InputError(f"--adapters: {twice} is given more than once; give one adapter folder per objective")
     return [os.path.abspath(d) for d in directories]
 
 
@@ -379,16 +385,18 @@ def cmd_search(args):
     if len(names) < 2:
         raise InputError(f"search --objectives {','.join(names)}: the weights of a single adapter need no search; "
                          "give at least 2 objectives")
-    adapters = adapter_dirs(args, names)
+    adapters = adapter_dirs(args, names, unique=True)
     prompts = [e.prompt for e in load_splits(args)["aggregation"]]
     scorers = load_scorers(args, names, known)
     model, tokenizer = load_policy(args)
     load_adapters(model, adapters, names)
     objective = search.make_objective(model, tokenizer, names, scorers, prompts, level=args.level,
                                       batch_size=args.batch_size, device=args.device)
-    meta = {"adapters": adapters, "level": args.level, "data": os.path.abspath(args.data), "sample": args.sample,
-            "split_seed": args.split_seed, "prompts": len(prompts)}
-    search.run_search(objective, names, out_path=args.out, iterations=args.iterations, svg_path=svg, meta=meta)
+    meta = {"adapters": [search.fingerprint(d) for d in adapters], "level": args.level, "data": search.fingerprint(args.data),
+            "sample": args.sample, "split_seed": args.split_seed, "prompts": len(prompts)}  # compared on resume
+    info = {"adapters": [os.path.relpath(d) for d in adapters], "data": os.path.relpath(args.data)}  # stored only
+    search.run_search(objective, names, out_path=args.out, iterations=args.iterations, svg_path=svg, meta=meta,
+                      info=info)
 
 
 def cmd_generate(args):
@@ -422,9 +430,12 @@ def cmd_evaluate(args):
     search_result = t5.read_json(args.search) if os.path.exists(args.search) else None
     if search_result is None:
         print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
+    else:
+        evaluate.check_search(search_result, evaluate.searched_objectives(search_result, names), args.search)  # before any work
     prompts = [e.prompt for e in load_splits(args)["inference"]]
     results = evaluate.evaluate(lambda: load_policy(args), load_scorers(args, names, known), prompts, args.runs,
-                                search_result, batch_size=args.batch_size, device=args.device, objectives=names)
+                                search_result, batch_size=args.batch_size, device=args.device, objectives=names,
+                                greedy=args.greedy, generation_runs=args.generation_runs, seed=args.seed)
     markdown, table_csv = evaluate.tables(results, objectives=names)
     t5.atomic_write(args.out + ".md", markdown)
     t5.atomic_write(args.out + ".csv", table_csv)
@@ -433,6 +444,11 @@ def cmd_evaluate(args):
 
 def cmd_convert(args):
     import rewards
+    if args.src.endswith(".npz"):  # the authors' save_lora format -> a PEFT-layout adapter
+        import lora
+        written = lora.convert_npz(args.src, args.dst, base_model_name_or_path=args.base or "google-t5/t5-base")
+        print("\n".join(f"wrote {path}" for path in written))
+        return
     mapping = rewards.convert_checkpoint(args.src, args.dst, base=args.base)
     for source, target in mapping:
         print(f"{source} -> {target}")
@@ -517,13 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--search", default="search.json",
                               help="grid search result with the weights, relative to the current directory")
     evaluate_cmd.add_argument("--batch-size", type=positive, default=16, help="prompts decoded at once")
+    evaluate_cmd.add_argument("--greedy", action="store_true",
+                              help="decode every method greedily, one run (default: the authors' protocol, "
+                                   "single-policy methods sampled top-50, EMORL greedy)")
+    evaluate_cmd.add_argument("--generation-runs", type=positive, default=3,
+                              help="sampled generation runs per trained model (seeds SEED, SEED+1, ...)")
     evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
 
-    convert = commands.add_parser("convert", help="turn a PyTorch .pt/.bin scorer checkpoint into safetensors")
-    convert.add_argument("src", help="the .pt / .bin checkpoint (e.g. DynaOpt's reflection scorer)")
-    convert.add_argument("dst", help="output folder (or a .safetensors path)")
-    convert.add_argument("--base", help="a roberta-base folder whose config.json, vocab.json, merges.txt are copied beside it")
+    convert = commands.add_parser("convert", help="turn a .pt/.bin scorer checkpoint into safetensors, or the authors' "
+                                                  "LoRA .npz into a PEFT-layout adapter")
+    convert.add_argument("src", help="the .pt / .bin checkpoint (e.g. DynaOpt's reflection scorer), or an adapter .npz "
+                                     "saved by the authors' save_lora (e.g. lora_reflection_18219.npz)")
+    convert.add_argument("dst", help="output folder (or a .safetensors path); for an .npz the adapter folder, "
+                                     "e.g. runs/reflection-authors/adapter")
+    convert.add_argument("--base", help=".pt: a roberta-base folder whose config.json, vocab.json, merges.txt are copied "
+                                        "beside it; .npz: base_model_name_or_path written in adapter_config.json")
     convert.set_defaults(func=cmd_convert)
 
     build = commands.add_parser("build-default", help="rebuild the embedded small models (data/build_default.py)")

@@ -7,6 +7,7 @@ uses its own adapter: one shared base matmul + a gathered, batched low-rank bmm;
 merge / unmerge: parameter-level aggregation, Eq. (4): θ = θ0 + Σ_i w_i·(alpha/r)·B_i A_i (unmerge copies θ0 back).
 Files use PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
 base_model.model.<module>.lora_{A,B}.weight): adapters move both ways between this code and peft.
+convert_npz imports the adapters the public code saves (.npz of <module>_loraA/_loraB/_scaling) into that layout.
 
 Deviations from the paper / public code:
 - Modes are switched explicitly (set_adapter, context managers); .eval() never merges (loralib's pitfall).
@@ -292,3 +293,78 @@ def load_adapter(model, directory, name) -> str:
         for key, param in zip(expected, adapter_parameters(model, name)):  # both in module order, A then B
             param.copy_(tensors[key])
     return name
+
+
+# ----------------------------------------------------------------------------- the authors' .npz adapters
+NPZ_PREFIX, NPZ_PARTS = "base_model.model.", ("loraA", "loraB", "scaling")
+
+
+def convert_npz(src, directory, base_model_name_or_path="google-t5/t5-base") -> list[str]:
+    """An adapter saved by the public code's save_lora (el_training.py:277, 332-334; utils_lora.py:38-61)
+    -> PEFT's layout in `directory`. The .npz holds per LoRA-wrapped Linear <M>: base_model.model.<M>_loraA
+    [r, in], _loraB [out, r], _scaling (0-d, = alpha/r); written as base_model.model.<M>.lora_{A,B}.weight
+    with r, lora_alpha = scaling·r, lora_dropout 0.05 (their LoraConfig) and target_modules = the last
+    names of the modules. When `directory` is runs/<objective>-<label>/adapter, a summary.json beside it
+    (consumption unknown, `imported_from`) lets search and evaluate find it as a finished run.
+    Returns the paths written."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        archive = np.load(src, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{src}: file not found") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{src}: not a readable .npz archive ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"{src}: a single .npy array, not an .npz archive of LoRA arrays")
+    modules: dict[str, dict] = {}
+    with archive:
+        for key in archive.files:
+            stem, _, part = key.rpartition("_")
+            if not stem.startswith(NPZ_PREFIX) or len(stem) == len(NPZ_PREFIX) or part not in NPZ_PARTS:
+                raise InputError(f"{src}: unexpected key {key!r} (expected {NPZ_PREFIX}<module>_loraA / _loraB / _scaling)")
+            try:
+                modules.setdefault(stem, {})[part] = archive[key]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise InputError(f"{src}: array {key!r} cannot be read ({str(e).splitlines()[0]})") from None
+    if not modules:
+        raise InputError(f"{src}: no LoRA arrays in this .npz")
+    tensors, ranks, scalings = {}, set(), set()
+    for stem, parts in modules.items():
+        if missing := [p for p in NPZ_PARTS if p not in parts]:
+            raise InputError(f"{src}: {stem}_{missing[0]} is missing")
+        A, B, scaling = parts["loraA"], parts["loraB"], parts["scaling"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] < 1 or scaling.size != 1 or scaling.ndim > 1:
+            raise InputError(f"{src}: {stem}: expected loraA [r, in], loraB [out, r] and a 0-d scaling, got shapes "
+                             f"{A.shape}, {B.shape}, {scaling.shape}")
+        for part, value in (("loraA", A), ("loraB", B), ("scaling", scaling)):
+            if value.dtype.kind not in "fiu" or not np.isfinite(value).all():
+                raise InputError(f"{src}: {stem}_{part} must hold finite numbers (dtype {value.dtype})")
+        ranks.add(A.shape[0])
+        scalings.add(float(scaling.reshape(())))
+        tensors[f"{stem}.lora_A.weight"] = torch.tensor(A, dtype=torch.float32)
+        tensors[f"{stem}.lora_B.weight"] = torch.tensor(B, dtype=torch.float32)
+    if len(ranks) > 1 or len(scalings) > 1:
+        raise InputError(f"{src}: ranks {sorted(ranks)} / scalings {sorted(scalings)} differ between modules "
+                         "(one rank and one scaling are supported)")
+    r, scaling = ranks.pop(), scalings.pop()
+    alpha = scaling * r
+    config = dict(peft_type="LORA", task_type="SEQ_2_SEQ_LM", base_model_name_or_path=base_model_name_or_path,
+                  r=r, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha, lora_dropout=0.05,
+                  target_modules=sorted({stem.rsplit(".", 1)[-1] for stem in modules}), bias="none",
+                  fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, use_rslora=False, use_dora=False,
+                  modules_to_save=None, rank_pattern={}, alpha_pattern={})
+    os.makedirs(directory, exist_ok=True)
+    written = [os.path.join(directory, "adapter_model.safetensors"), os.path.join(directory, "adapter_config.json")]
+    save_safetensors(tensors, written[0], {"format": "pt"})
+    write_json(written[1], config)
+    run_dir = os.path.dirname(os.path.abspath(directory))
+    method, _, label = os.path.basename(run_dir).rpartition("-")
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.basename(os.path.normpath(directory)) == "adapter" and method and label and not os.path.exists(summary):
+        write_json(summary, {"objective": method, "seed": label, "imported_from": os.path.basename(src),
+                             "steps": None, "data_points": None, "wall_seconds": None})
+        written.append(summary)
+    return written

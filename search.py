@@ -1,9 +1,11 @@
 """Aggregating the objective adapters (paper §4.1, Eq. 2; Appendix 11.1-11.2) and searching their
 weights (§4.2, Algorithm 1, Appendix 11.3) — the `python emorl.py search` command layer included.
 
-- `ensemble_generate`: greedy decoding from K LoRA adapters on one base T5 at three levels:
+- `ensemble_generate`: decoding from K LoRA adapters on one base T5 at three levels:
   "hidden" (Eq. 2: f = Σ w_i f_i of the last decoder hidden states, one LM head, argmax),
-  "logit" (Appendix 11.2: Σ w_i H_LM(f_i)), "param" (Appendix 11.1, Eq. 4: θ0 + Σ w_i ΔW_i merged).
+  "logit" (Appendix 11.2: log Σ_i w_i softmax(H_LM(f_i)), the mixture of the K next-token
+  distributions, as the public code aggregates), "param" (Appendix 11.1, Eq. 4: θ0 + Σ_i w_i ΔW_i
+  merged with the raw weights, as the public code merges).
 - `hierarchical_grid_search`: Algorithm 1 as a pure function, resumable from its own records.
 - `make_objective`, `run_search`: f(w) = mean over objectives of the mean score over the aggregation
   prompts (SPEC §5); search.json rewritten atomically after every evaluation; Pareto report (report.py).
@@ -12,23 +14,32 @@ Deviations from the paper / public code:
 - The public code deep-copies K models and re-runs the whole sequence (encoder included) every step.
   Here the K adapters share one base model as ONE mixed-adapter batch of K·B rows (adapter-major):
   one encoder forward, a KV cache per row, every adapter extending the same shared prefix.
-- All three levels decode alike: greedy, one shared prefix, ≤ 64 new tokens, stop at </s> (the public
-  code samples separate continuations at the logit level). Consequence: the LM head is linear and
-  bias-free, so Σ w_i H_LM(f_i) = H_LM(Σ w_i f_i) and the logit level equals the hidden level up to
-  float round-off; the paper's gap between them (Appendix 11.2) comes from its separate sampling.
-- Weights are divided by their sum (exactly: fractions) before decoding, at every level. Hidden and
-  logit level: argmax is unchanged by a positive factor. Param level: the merge becomes a convex
-  combination of the adapters' deltas (a model soup). So every level depends on the ray w/Σw only.
-- Algorithm 1 evaluates each ray once: the memo key is the exact direction w/Σw (fractions.Fraction,
-  no rounding), so refined grids re-use their 2^d corners and (0.5,0.5,0.5) shares the decode of
-  (1,1,1). w = 0 scores -inf and is never decoded (its hidden state is all zeros). The walk is the
-  plain algorithm's: same scores, same tie rule, same result (tested).
+- Logit level: every adapter's distribution is taken on the ONE shared prefix (the tokens already
+  chosen by the mixture), decoded greedily by default with the KV cache. The public code
+  (el_aggregation.py:101-140) takes each model's distribution from its own independently sampled
+  continuation and never feeds the chosen tokens back: the merged text is not what any of the mixed
+  distributions was conditioned on (a defect, not copied). The mixture is not the hidden level:
+  z1 = (5,0,4), z2 = (0,5,4), w = (0.6,0.4): Σ w z picks the third token, Σ w softmax(z) the first (tested).
+- Each row stops at its own </s> (the paper's intent); the public code's hidden level runs every row
+  until all rows emit </s> at the same step and keeps the text after a row's </s>
+  (el_aggregation.py:228, el_test.py:175).
+- Hidden and logit level divide the weights by their sum (exactly: fractions) before decoding; argmax
+  is unchanged by a positive factor, so they depend on the ray w/Σw only. The param level uses the
+  raw weights (θ0 + Σ w_i ΔW_i, not a convex combination): the search also explores the deltas' size.
+- Algorithm 1 memoises: at the hidden and logit levels the memo key is the exact direction w/Σw
+  (fractions.Fraction, no rounding), so refined grids re-use their 2^d corners and (0.5,0.5,0.5)
+  shares the decode of (1,1,1); w = 0 scores -inf there and is never decoded (an all-zero hidden
+  state; the public code decodes it into empty texts). At the param level the key is the exact point
+  and w = 0 is decoded (the base model, as the public code does): with -inf the sub-cube [0, 1/2]^d,
+  where the small raw weights live, could never be chosen. The walk is the plain algorithm's: same
+  scores, same tie rule, same result (tested at every level).
 - Ties: grids are enumerated lexicographically (axis 1 slowest; lo, mid, hi). The iteration's best is
   the first maximum; it replaces the running best only if strictly better (Alg. 1, line 11). Sub-cubes
   are enumerated as (lower, upper) half per axis, same order; the first maximal corner sum wins.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -49,15 +60,15 @@ LEVELS = ("hidden", "logit", "param")
 
 
 # ----------------------------------------------------------------------------- weights
-def check_weights(weights, d, what="weights") -> list[float]:
-    """d finite, non-negative numbers, not all zero; else a one-line InputError."""
+def check_weights(weights, d, what="weights", allow_zero=False) -> list[float]:
+    """d finite, non-negative numbers, not all zero (unless allow_zero); else a one-line InputError."""
     weights = [float(w) for w in weights]
     if len(weights) != d:
         raise InputError(f"{what}: expected {d} weights (one per adapter), got {len(weights)}")
     bad = next((w for w in weights if not w >= 0 or math.isinf(w)), None)  # NaN fails w >= 0
     if bad is not None:
         raise InputError(f"{what}: weight {bad} is {'negative' if bad < 0 else 'not a finite number'}; weights must be >= 0")
-    if sum(weights) == 0:
+    if sum(weights) == 0 and not allow_zero:
         raise InputError(f"{what}: all weights are zero; at least one must be > 0")
     return weights
 
@@ -86,21 +97,36 @@ def normalise(weights) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- Eq. (2) ensemble decoding
+def mixture_log_probs(logits, weights):
+    """Appendix 11.2, the public code's logit level: log Σ_i w_i softmax(z_i) for logits [K, ..., V] and
+    weights [K] (Σ w = 1 gives a normalised log-distribution). Not Σ_i w_i z_i: with T5's linear LM head
+    that would be the hidden level again. Computed as a logsumexp, in at least fp32."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_w = torch.log(torch.as_tensor(weights, dtype=dtype, device=logits.device))
+    log_p = torch.log_softmax(logits.to(dtype), -1)
+    return torch.logsumexp(log_p + log_w.view(-1, *[1] * (logits.dim() - 1)), 0)
+
+
 @torch.no_grad()
-def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, level="hidden", max_new_tokens=64):
-    """Greedy tokens [B, T] from the adapters `adapter_names` combined with `weights` (see module
-    docstring). Call model.eval() first: dropout is whatever mode the model is in."""
+def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, level="hidden", max_new_tokens=64,
+                      do_sample=False, top_k=50, generator=None):
+    """Tokens [B, T] from the adapters `adapter_names` combined with `weights` at `level` (see module
+    docstring): greedy, or with do_sample=True drawn from the aggregated scores (top_k, temperature 1;
+    the public code samples its parameter level so). Call model.eval() first: dropout is whatever
+    mode the model is in."""
     if level not in LEVELS:
         raise InputError(f"aggregation level '{level}': expected one of {', '.join(LEVELS)}")
     names = list(adapter_names)
-    weights = normalise(check_weights(weights, len(names)))  # argmax is invariant to a positive factor
+    weights = check_weights(weights, len(names), allow_zero=level == "param")  # param, w = 0: the base model
     cfg, batch = model.config, input_ids.shape[0]
-    if level == "param":  # Appendix 11.1, Eq. (4): one merged model
+    sampling = dict(do_sample=do_sample, top_k=top_k if do_sample else 0, generator=generator)
+    if level == "param":  # Appendix 11.1, Eq. (4): one model, θ0 + Σ_i w_i ΔW_i with the raw weights
         lora.merge(model, dict(zip(names, weights)))
         try:  # merged layers bypass their adapters until unmerge
-            return t5.generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens)[0]
+            return t5.generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, **sampling)[0]
         finally:
             lora.unmerge(model)
+    weights = normalise(weights)  # hidden, logit: argmax is invariant to a positive factor
     k = len(names)
     rows = lora.adapter_major_rows(k, batch).to(input_ids.device)  # row r runs adapter r // B
     w = torch.tensor(weights, dtype=model.shared.weight.dtype, device=input_ids.device).view(k, 1, -1)
@@ -115,10 +141,10 @@ def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, 
             f = hidden[:, -1].view(k, batch, -1)  # f_i, adapter-major
             if level == "hidden":
                 return model.logits((w * f).sum(0))  # Eq. (2): H_LM(Σ w_i f_i)
-            return (w * model.logits(f)).sum(0)  # Appendix 11.2: Σ w_i H_LM(f_i)
+            return mixture_log_probs(model.logits(f), w.view(k))  # Appendix 11.2: log Σ_i w_i softmax(H_LM(f_i))
 
         return t5.decode_loop(next_logits, batch, max_new_tokens=max_new_tokens, start_id=cfg.decoder_start_token_id,
-                              eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id, device=input_ids.device)[0]
+                              eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id, device=input_ids.device, **sampling)[0]
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
@@ -138,32 +164,48 @@ def best_region(bounds, results: dict) -> list[tuple]:
     return best
 
 
-def max_evaluations(d, iterations) -> int:
-    """Distinct grid points of I iterations minus w = 0: 3^d + (I-1)(3^d - 2^d) - 1 (102 for d=3, I=5)."""
-    return 3 ** d + (iterations - 1) * (3 ** d - 2 ** d) - 1
+def max_evaluations(d, iterations, ray_invariant=True) -> int:
+    """Upper bound of the distinct evaluations. By exact point: the distinct grid points of I iterations
+    minus w = 0, 3^d + (I-1)(3^d - 2^d) - 1 (102 for d=3, I=5). By ray: iteration 1 has 3^d - 2^d
+    rays, each refinement at most 3^d - 2^d new points, so I (3^d - 2^d) (95)."""
+    if ray_invariant:
+        return iterations * (3 ** d - 2 ** d)
+    return 3 ** d + (iterations - 1) * (3 ** d - 2 ** d)
 
 
-def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None) -> dict:
-    """Algorithm 1 over [0, 1]^d. objective(weights) -> (mean, per-objective scores) must depend on w/Σw
-    only (ensemble_generate does); it is called once per ray, with the ray's first grid point.
+def memo_key(weights, ray_invariant=True):
+    """Algorithm 1's memo key: the exact ray w/Σw (hidden, logit; None for w = 0) or the exact point (param)."""
+    if ray_invariant:
+        return ray_key(weights)
+    return tuple(Fraction(w) for w in weights)
+
+
+def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None, ray_invariant=None) -> dict:
+    """Algorithm 1 over [0, 1]^d. objective(weights) -> (mean, per-objective scores). ray_invariant
+    (default: objective.ray_invariant, else True): the objective depends on w/Σw only (hidden, logit
+    level) and is called once per ray, with the ray's first grid point; False (param level): once per point.
     `log`: records of an earlier (interrupted) run, re-used instead of re-evaluated. on_eval(record)
     runs after every new evaluation. Returns best_weights, best_score, evaluations (one record per
-    ray, in order of first use), iterations (bounds, grid points, means, chosen next bounds)."""
+    ray or point, in order of first use), iterations (bounds, grid points, means, chosen next bounds)."""
     if d < 1 or iterations < 1:
         raise InputError(f"grid search: need d >= 1 objectives and >= 1 iterations, got d={d}, iterations={iterations}")
+    if ray_invariant is None:
+        ray_invariant = getattr(objective, "ray_invariant", True)
     memo = {}
     for i, record in enumerate(log or []):
-        if len(record.get("weights", ())) != d or not isinstance(record.get("mean"), (int, float)):
-            raise InputError(f"search log record {i}: expected {d} weights and a numeric mean, got {record}")
-        memo[ray_key(record["weights"])] = record
+        weights = record.get("weights") if isinstance(record, dict) else None
+        if not isinstance(weights, list) or len(weights) != d or not isinstance(record.get("mean"), (int, float)) \
+                or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights):
+            raise InputError(f"search log record {i}: expected {d} weights >= 0 and a numeric mean, got {record}")
+        memo[memo_key(weights, ray_invariant)] = record
     used = {}
 
     def f(point, iteration):  # Alg. 1, line 8: results[p] <- f(p)
-        key = ray_key(point)
+        key = memo_key(point, ray_invariant)
         if key is None:
-            return -math.inf  # w = 0: all-zero hidden state, nothing to decode
+            return -math.inf  # w = 0 at the hidden/logit level: all-zero hidden state, nothing to decode
         if key not in memo:
-            direction = [float(x) for x in key]
+            direction = normalise(point) if any(point) else [0.0] * d  # param level: w = 0 is the base model
             start = time.perf_counter()
             mean, scores = objective(list(point))
             if not math.isfinite(mean):
@@ -215,24 +257,60 @@ def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hid
         per_objective = [t / len(prompts) for t in totals]
         return sum(per_objective) / len(per_objective), per_objective
 
+    objective.ray_invariant = level != "param"  # the memo key hierarchical_grid_search uses
     return objective
 
 
-def run_search(objective, names, out_path="search.json", iterations=5, svg_path=None, meta=None) -> dict:
+def fingerprint(*paths) -> str:
+    """sha256 (16 hex digits) of the files' contents, or of every file in a folder (an adapter): what a
+    search.json compares instead of absolute paths, so a moved or copied project keeps its search."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")) \
+            if os.path.isdir(path) else [path]  # hidden files (.tmp-* leftovers) are not content
+        for file in files:
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    digest.update(os.path.basename(file).encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
+
+
+def header_difference(stored: dict, header: dict) -> str | None:
+    """The first field (dotted path) in which a search.json differs from this search's header, or None."""
+    for key, value in header.items():
+        old = stored.get(key) if isinstance(stored, dict) else None
+        if isinstance(value, dict) and isinstance(old, dict):
+            inner = header_difference(old, value)
+            if inner:
+                return f"{key}.{inner}"
+        elif old != value:
+            return f"{key} (the file has {json.dumps(old)}, this search {json.dumps(value)})"
+    return None
+
+
+def run_search(objective, names, out_path="search.json", iterations=5, svg_path=None, meta=None, info=None) -> dict:
     """Algorithm 1 with a log line per evaluation, search.json after every evaluation (re-read on
     restart: a killed search resumes where it stopped), the Pareto report, and Figure 5 as SVG.
-    `meta` (e.g. adapters, level, prompts) must match the file's to resume from it."""
+    `meta` (what decides the scores: adapter fingerprints, level, data, split) must match the file's to
+    resume from it; a mismatch names the field. `info` (e.g. the adapters' paths) is stored, not compared."""
     names, d = list(names), len(names)
+    ray_invariant = getattr(objective, "ray_invariant", True)
     header = json.loads(json.dumps({"objectives": names, "num_iterations": iterations, "meta": meta}))  # as read back
     log = []
     if os.path.exists(out_path):
         previous = t5.read_json(out_path)
-        if not isinstance(previous, dict) or {k: previous.get(k) for k in header} != header:
-            raise InputError(f"{out_path}: written by a different search (objectives/iterations/adapters differ); "
+        if not isinstance(previous, dict):
+            raise InputError(f"{out_path}: not a search result (expected a JSON object); delete it or choose another --out")
+        difference = header_difference(previous, header)
+        if difference:
+            raise InputError(f"{out_path}: written by a different search: {difference}; "
                              "delete it or choose another output path")
         log = previous.get("evaluations", [])
+        if not isinstance(log, list):
+            raise InputError(f"{out_path}: 'evaluations' must be a list")
         print(f"resuming: {len(log)} evaluations read from {out_path}")
-    records, total = list(log), max_evaluations(d, iterations)
+    records, total = list(log), max_evaluations(d, iterations, ray_invariant)
+    header = {**header, **({"info": info} if info is not None else {})}
     bar = tqdm(total=total, initial=len(log), desc="grid search", unit="eval")
 
     def on_eval(record):
@@ -242,7 +320,9 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
         bar.write(report.format_evaluation(len(records), total, record, names))
 
     try:
-        result = hierarchical_grid_search(objective, d, iterations, log=log, on_eval=on_eval)
+        result = hierarchical_grid_search(objective, d, iterations, log=log, on_eval=on_eval, ray_invariant=ray_invariant)
+        bar.total = bar.n  # the total was an upper bound: close the bar at the true end
+        bar.refresh()
     finally:
         bar.close()
     pareto = report.pareto_report(result["evaluations"], names)
@@ -255,5 +335,5 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
     best = ",".join(f"{w:.5g}" for w in result["best_weights"] or [])
     score = "n/a" if result["best_score"] is None else f"{result['best_score']:.4f}"
     print(f"best weights ({best}) | mean {score} | {len(result['evaluations'])} distinct evaluations "
-          f"(plain Algorithm 1: {iterations * 3 ** d}) | {out_path}" + (f" | {svg_path}" if svg_path else ""))
+          f"(plain Algorithm 1: {iterations * 3 ** d}; memo {'per ray' if ray_invariant else 'per point'}) | {out_path}" + (f" | {svg_path}" if svg_path else ""))
     return out

@@ -201,8 +201,8 @@ def test_add_an_objective_train_it_alone_search_d_2_and_4_evaluate(tmp_path):
     result = json.loads((tmp_path / "search4.json").read_text())
     assert result["objectives"] == four.split(",") and len(result["best_weights"]) == 4
     assert len(result["evaluations"]) == 3 ** 4 - 1 - 15     # w = 0 skipped, one decode per ray ({0,1}^4 \ 0 doubled)
-    assert result["meta"]["adapters"] == [str(tmp_path / "runs" / f"{n}-0" / "adapter") for n in four.split(",")]
-    assert "(plain Algorithm 1: 81)" in out
+    assert result["info"]["adapters"] == [os.path.join("runs", f"{n}-0", "adapter") for n in four.split(",")]
+    assert "(plain Algorithm 1: 81; memo per ray)" in out
     emorl("search", "--objectives", "empathy,autonomy", *search, "--out", "search2.json", cwd=tmp_path)
     result = json.loads((tmp_path / "search2.json").read_text())
     assert result["objectives"] == ["empathy", "autonomy"] and len(result["evaluations"]) == 3 ** 2 - 1 - 3
@@ -210,7 +210,7 @@ def test_add_an_objective_train_it_alone_search_d_2_and_4_evaluate(tmp_path):
     emorl("evaluate", "--objectives", four, *policy, "--sample", "0.1", "--runs", "runs", "--search", "search4.json",
           *plug, cwd=tmp_path)
     table = (tmp_path / "evaluate.md").read_text().splitlines()
-    assert table[0].startswith("| method | reflection | empathy | fluency | autonomy | average | diversity-2 |")
+    assert table[0].startswith("| method | decoding | reflection | empathy | fluency | autonomy | average | diversity-2 |")
     assert [line.split(" | ")[0] for line in table[2:]] == \
         ["| base", "| reflection", "| empathy", "| fluency", "| autonomy", "| param", "| logit", "| hidden"]
     assert all(float(line.split(" | ")[4].split(" ± ")[0]) >= 0 for line in table[2:])   # every row scored on autonomy

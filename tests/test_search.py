@@ -63,7 +63,7 @@ def test_one_hot_ensemble_equals_single_adapter_greedy(tiny, level):
     assert not torch.equal(singles[0], singles[1]) or not torch.equal(singles[1], singles[2])  # adapters differ
     for i, expected in enumerate(singles):
         weights = [0.0, 0.0, 0.0]
-        weights[i] = 0.7  # any positive scale: weights are normalised
+        weights[i] = 1.0 if level == "param" else 0.7  # hidden/logit: any positive scale (normalised)
         got = search.ensemble_generate(model, ["a", "b", "c"], weights, ids, mask, level=level, max_new_tokens=10)
         assert torch.equal(got, expected), (level, i)
     assert all(m.unmerged is None for _, m in lora._layers(model))  # param level unmerged again
@@ -78,22 +78,33 @@ def test_two_equal_adapters_with_half_weights_equal_one(tiny, level):
 
 
 def reference_ensemble(model, names, weights, ids, mask, level, steps):
-    """No mixed batch, no KV cache: each adapter alone re-runs the whole prefix at every step."""
-    weights = [w / sum(weights) for w in weights]
-    encoded = {}
-    for n in names:
-        lora.set_adapter(model, n)
-        encoded[n] = model.encode(ids, mask)
+    """The naive way (the public code's): K separate models (base + one adapter each, merged by hand),
+    no KV cache, the whole sequence (encoder included) recomputed at every step, on one shared prefix.
+    param: ONE model W + Σ_i w_i·s·B_i A_i with the raw weights."""
+    import copy
+    total = sum(weights)
+
+    def merged(coefficients):  # a deep copy with W <- W + Σ c_i (alpha/r) B_i A_i written out by hand
+        m = copy.deepcopy(model)
+        lora.set_adapter(m, None)
+        with torch.no_grad():
+            for _, layer in lora._layers(m):
+                for n, c in coefficients.items():
+                    layer.weight += c * layer.scaling(n) * (layer.lora_B[n] @ layer.lora_A[n])
+        return m
+    if level == "param":
+        models, weights = [merged(dict(zip(names, weights)))], [1.0]
+    else:
+        models, weights = [merged({n: 1.0}) for n in names], [w / total for w in weights]
     prefix = torch.zeros(ids.shape[0], 1, dtype=torch.long)
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
-        hidden, logits = 0, 0
-        for n, w in zip(names, weights):
-            lora.set_adapter(model, n)
-            f = model.decode(prefix, encoded[n], mask)[0][:, -1]
-            hidden, logits = hidden + w * f, logits + w * model.logits(f)
-        lora.set_adapter(model, None)
-        token = (model.logits(hidden) if level == "hidden" else logits).argmax(-1).masked_fill(done, 0)
+        hidden, probs = 0, 0
+        for m, w in zip(models, weights):
+            f = m.decode(prefix, m.encode(ids, mask), mask)[0][:, -1]
+            hidden, probs = hidden + w * f, probs + w * torch.softmax(m.logits(f), -1)
+        scores = models[0].logits(hidden) if level in ("hidden", "param") else torch.log(probs)
+        token = scores.argmax(-1).masked_fill(done, 0)
         prefix = torch.cat([prefix, token[:, None]], 1)
         done |= token == 1
         if done.all():
@@ -101,8 +112,8 @@ def reference_ensemble(model, names, weights, ids, mask, level, steps):
     return prefix[:, 1:]
 
 
-@pytest.mark.parametrize("level", ["hidden", "logit"])
-def test_cached_mixed_batch_equals_full_recompute(tiny, level):
+@pytest.mark.parametrize("level", search.LEVELS)
+def test_cached_mixed_batch_equals_naive_recompute(tiny, level):
     model, ids, mask = tiny
     names, weights = ["a", "b", "c"], [0.6, 0.3, 0.1]
     with torch.no_grad():
@@ -110,6 +121,55 @@ def test_cached_mixed_batch_equals_full_recompute(tiny, level):
     got = search.ensemble_generate(model, names, weights, ids, mask, level=level, max_new_tokens=10)
     assert torch.equal(got, expected)
     assert not any(torch.equal(got, single(model, n, ids, mask)) for n in names)  # a real mixture
+
+
+def test_logit_level_is_a_probability_mixture_not_a_logit_sum():
+    """The audit's 3-token case: Σ w z = (3, 2, 4) picks token 2; Σ w softmax(z) = (0.4384, 0.2939, 0.2676)
+    picks token 0."""
+    z = torch.tensor([[5.0, 0.0, 4.0], [0.0, 5.0, 4.0]])
+    w = torch.tensor([0.6, 0.4])
+    mixture = search.mixture_log_probs(z, w)
+    expected = torch.log(0.6 * torch.softmax(z[0], -1) + 0.4 * torch.softmax(z[1], -1))
+    torch.testing.assert_close(mixture, expected)
+    torch.testing.assert_close(mixture.exp(), torch.tensor([0.4384, 0.2939, 0.2676]), atol=1e-4, rtol=0)
+    assert int(mixture.argmax()) == 0 and int((w[:, None] * z).sum(0).argmax()) == 2
+
+
+def test_logit_and_hidden_levels_choose_different_tokens(tiny):
+    model, ids, mask = tiny
+    names = ["a", "b", "c"]
+    differ = 0
+    for weights in ([0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.1, 0.5], [1, 1, 1]):
+        hidden, logit = (search.ensemble_generate(model, names, weights, ids, mask, level=level, max_new_tokens=10)
+                         for level in ("hidden", "logit"))
+        differ += not torch.equal(hidden, logit)
+    assert differ >= 1
+
+
+def test_param_level_uses_the_raw_weights(tiny):
+    """θ0 + Σ w_i ΔW_i is not ray-invariant: (0.6, 0.3, 0.1) and 3x that are different models; the hidden
+    and logit levels decode the same tokens for both."""
+    model, ids, mask = tiny
+    names, small, large = ["a", "b", "c"], [0.2, 0.1, 0.0], [1.0, 0.5, 0.0]
+    decode = lambda w, level: search.ensemble_generate(model, names, w, ids, mask, level=level, max_new_tokens=10)  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(decode(large, "param"), reference_ensemble(model, names, large, ids, mask, "param", 10))
+        assert torch.equal(decode(small, "param"), reference_ensemble(model, names, small, ids, mask, "param", 10))
+    assert not torch.equal(decode(small, "param"), decode(large, "param"))
+    for level in ("hidden", "logit"):
+        assert torch.equal(decode(small, level), decode(large, level))
+
+
+def test_sampled_ensemble_is_seeded_and_top_k(tiny):
+    model, ids, mask = tiny
+    for level in search.LEVELS:
+        runs = [search.ensemble_generate(model, ["a", "b"], [0.5, 0.5], ids, mask, level=level, max_new_tokens=10,
+                                         do_sample=True, top_k=50, generator=torch.Generator().manual_seed(seed))
+                for seed in (1, 1, 2)]
+        assert torch.equal(runs[0], runs[1])
+    greedy = search.ensemble_generate(model, ["a", "b"], [1, 0], ids, mask, level="param", max_new_tokens=10,
+                                      do_sample=True, top_k=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy, single(model, "a", ids, mask))  # top-1 sampling = greedy
 
 
 def test_ensemble_rejects_bad_weights_and_level(tiny):
@@ -121,20 +181,23 @@ def test_ensemble_rejects_bad_weights_and_level(tiny):
         search.ensemble_generate(model, ["a", "b", "c"], [1, 1, 1], ids, mask, level="token")
 
 
+class Tok:
+    """ids <-> words "t<id>" (a stand-in tokenizer for the tiny model); policy_input appends " [SEP] "."""
+
+    def batch_encode(self, texts, max_length=128, device="cpu"):
+        rows = [[3 + (sum(map(ord, w)) % 40) for w in t.split()][: max_length - 1] + [1] for t in texts]
+        width = max(map(len, rows))
+        out = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r)
+        return out, (out != 0).long()
+
+    def batch_decode(self, tokens):
+        return [" ".join(f"t{i}" for i in row if i > 1) for row in tokens.tolist()]
+
+
 def test_make_objective_scores_the_decoded_texts(tiny):
     model, ids, mask = tiny
-
-    class Tok:  # ids <-> words "t<id>"; policy_input appends " [SEP] "
-        def batch_encode(self, texts, max_length=128, device="cpu"):
-            rows = [[3 + (sum(map(ord, w)) % 40) for w in t.split()][: max_length - 1] + [1] for t in texts]
-            width = max(map(len, rows))
-            out = torch.zeros(len(rows), width, dtype=torch.long)
-            for i, r in enumerate(rows):
-                out[i, : len(r)] = torch.tensor(r)
-            return out, (out != 0).long()
-
-        def batch_decode(self, tokens):
-            return [" ".join(f"t{i}" for i in row if i > 1) for row in tokens.tolist()]
 
     prompts = ["i feel sad", "work is hard today", "nothing helps", "hello there you"]
     seen = []
@@ -228,6 +291,57 @@ def test_memo_equals_plain_with_ties():
     assert result["best_weights"] == first["points"][first["means"].index(1.0)] == [0.5, 0.5, 0.5]
 
 
+def distance_objective(target, calls=None):
+    """Not ray-invariant (like the raw-weight parameter level): -||w - target||^2, finite at w = 0 too."""
+    def objective(weights):
+        if calls is not None:
+            calls.append(tuple(weights))
+        value = -float(sum((w - t) ** 2 for w, t in zip(weights, target)))
+        return value, [value]
+    objective.ray_invariant = False
+    return objective
+
+
+@pytest.mark.parametrize("target", [(0.3, 0.3, 0.3), (0.25, 0.25), (0.9, 0.1, 0.4)])
+def test_point_memo_equals_plain_algorithm_for_a_non_ray_invariant_objective(target):
+    d, calls = len(target), []
+    result = search.hierarchical_grid_search(distance_objective(target, calls), d, iterations=5)
+    best, score, bounds, _ = plain_algorithm_1(distance_objective(target), d, 5)
+    assert (result["best_weights"], result["best_score"]) == (best, score)
+    assert [it["bounds"] for it in result["iterations"]] == bounds
+    assert len(calls) == len(set(calls)) == len(result["evaluations"]) <= search.max_evaluations(d, 5, False)
+    assert max(abs(b - t) for b, t in zip(best, target)) <= 1 / 32
+    assert (0.0,) * d in calls  # w = 0 (the base model at the param level) is a point like any other
+
+
+def test_a_ray_keyed_memo_is_wrong_for_a_non_ray_invariant_objective():
+    """The audit's minimal case: keyed by the ray, (0.25, 0.25) would reuse the score of (0.5, 0.5)."""
+    plain = plain_algorithm_1(distance_objective((0.25, 0.25)), 2, 2)
+    assert search.hierarchical_grid_search(distance_objective((0.25, 0.25)), 2, 2)["best_weights"] == plain[0] == [0.25, 0.25]
+    by_ray = search.hierarchical_grid_search(distance_objective((0.25, 0.25)), 2, 2, ray_invariant=True)
+    assert by_ray["best_weights"] != [0.25, 0.25]
+
+
+@pytest.mark.parametrize("level", search.LEVELS)
+def test_search_on_the_real_objective_equals_plain_algorithm(tiny, level):
+    model, _, _ = tiny
+    scorers = {"length": lambda p, r: torch.tensor([min(len(x) / 30, 1.0) for x in r]),
+               "t7": lambda p, r: torch.tensor([x.split().count("t7") / 4 for x in r])}
+    prompts = ["i feel sad", "work is hard today", "nothing helps"]
+    objective = search.make_objective(model, Tok(), ["a", "b"], scorers, prompts, level=level, max_new_tokens=6)
+    assert objective.ray_invariant == (level != "param")
+    calls = []
+
+    def counted(w):
+        calls.append(tuple(w))
+        return objective(w) if any(w) or level == "param" else (-math.inf, [])
+    counted.ray_invariant = objective.ray_invariant
+    result = search.hierarchical_grid_search(counted, 2, iterations=3)
+    best, score, bounds, plain_count = plain_algorithm_1(counted, 2, 3)
+    assert (result["best_weights"], result["best_score"]) == (best, score)
+    assert [it["bounds"] for it in result["iterations"]] == bounds
+
+
 def test_zero_weights_are_never_decoded():
     calls = []
     result = search.hierarchical_grid_search(cosine_objective((0.1, 0.1), calls), 2, iterations=3)
@@ -280,7 +394,9 @@ def test_run_search_writes_log_resumes_and_reports(tmp_path, capsys):
     stored = t5.read_json(str(out))
     assert stored["best_weights"] == reference["best_weights"] and stored["pareto"]["front"]
     assert ET.fromstring(svg.read_text()).tag.endswith("svg")
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert f"100%|" in captured.err.splitlines()[-1] or "100%|" in captured.err.split("\r")[-1]  # bar closed at its end
     assert "resuming: 25 evaluations" in printed and "Pareto front" in printed and "hypervolume" in printed
     line = report.format_evaluation(12, 102, {"weights": [0.75, 0.5, 0.0], "scores": [0.8123, 0.655, 0.7011],
                                               "mean": 0.7228, "seconds": 1.23}, NAMES)
@@ -288,8 +404,10 @@ def test_run_search_writes_log_resumes_and_reports(tmp_path, capsys):
     again = search.run_search(cosine_objective(peak, calls), NAMES, str(out), iterations=3, meta=meta)
     assert again["best_weights"] == final["best_weights"] and len(calls) == len(reference["evaluations"]) - 25
     assert len(again["iterations"]) == 3 and again["evaluations"] == stored["evaluations"]  # finished: nothing re-run
-    with pytest.raises(InputError, match="different search"):
+    with pytest.raises(InputError, match="different search: meta.level .the file has .hidden., this search .logit."):
         search.run_search(cosine_objective(peak), NAMES, str(out), iterations=3, meta={**meta, "level": "logit"})
+    with pytest.raises(InputError, match="different search: num_iterations"):
+        search.run_search(cosine_objective(peak), NAMES, str(out), iterations=4, meta=meta)
 
 
 # ----------------------------------------------------------------------------- Pareto, hypervolume, SVG
