@@ -47,7 +47,7 @@ class LoRALinear(nn.Linear):
         self.register_parameter("bias", base.bias)
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.alpha, self.dropout_p = {}, {}
-        self.mode = None      # None (base) | {name: weight} | (names, row_adapter LongTensor[B])
+        self.mode = None      # None (base) | {name: weight} | (names, row_adapter LongTensor[B], {layer: built})
         self.unmerged = None  # copy of the base weight while merged
 
     def add(self, name, r, alpha, dropout):
@@ -59,11 +59,15 @@ class LoRALinear(nn.Linear):
     def scaling(self, name):
         return self.alpha[name] / self.lora_A[name].shape[0]
 
-    def _padded(self, name, rank):  # (A [rank,in], scaling·B [out,rank]); zeros where this layer lacks `name`
-        if name not in self.lora_A:
-            return self.weight.new_zeros(rank, self.in_features), self.weight.new_zeros(self.out_features, rank)
-        pad = rank - self.lora_A[name].shape[0]
-        return F.pad(self.lora_A[name], (0, 0, 0, pad)), F.pad(self.lora_B[name] * self.scaling(name), (0, pad))
+    def _concatenated(self, names, rows):
+        """x @ [A_1;...;A_K]^T, masked to each row's own block, then @ [s_1 B_1 ... s_K B_K]^T = s_i B_i A_i x
+        for every row at once: two matmuls and no per-row gather (ranks may differ; a missing adapter adds nothing).
+        -> A [R,in], B [out,R], mask [N,R] (1 where column j belongs to row n's adapter)."""
+        present = [(i, n) for i, n in enumerate(names) if n in self.lora_A]
+        A = torch.cat([self.lora_A[n] for _, n in present])
+        B = torch.cat([self.lora_B[n] * self.scaling(n) for _, n in present], 1)
+        owner = torch.cat([torch.full((self.lora_A[n].shape[0],), i, device=rows.device) for i, n in present])
+        return A, B, (rows[:, None] == owner).to(A.dtype)
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
@@ -76,20 +80,21 @@ class LoRALinear(nn.Linear):
                     h = (F.dropout(x, p, True) if self.training and p > 0 else x) @ self.lora_A[name].T
                     out = out + (w * self.scaling(name)) * (h @ self.lora_B[name].T)
             return out
-        names, rows = self.mode
-        present = [n for n in names if n in self.lora_A]
-        if not present:
+        names, rows, built = self.mode
+        if not any(n in self.lora_A for n in names):
             return out
         if rows.numel() != x.shape[0]:
             raise InputError(f"mixed_adapters: row_adapter has {rows.numel()} rows, the batch has {x.shape[0]}")
-        rank = max(self.lora_A[n].shape[0] for n in present)
-        A, B = (torch.stack(t)[rows] for t in zip(*(self._padded(n, rank) for n in names)))  # [N,r,in], [N,out,r]
+        if torch.is_grad_enabled():  # autograd needs the concatenation in this call's graph
+            A, B, mask = self._concatenated(names, rows)
+        else:  # inference: built once per mixed_adapters block, not at every decoding step
+            A, B, mask = built[self] if self in built else built.setdefault(self, self._concatenated(names, rows))
         if self.training:  # each row gets its own adapter's dropout rate
             p = torch.tensor([self.dropout_p.get(n, 0.0) for n in names], device=x.device, dtype=x.dtype)
             keep = (1 - p[rows]).view(-1, *[1] * (x.dim() - 1))
             x = x * torch.bernoulli(keep.expand_as(x)) / keep
-        flat = x.reshape(x.shape[0], -1, self.in_features)
-        return out + torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).reshape(out.shape)
+        mask = mask.view(x.shape[0], *[1] * (x.dim() - 2), -1)
+        return out + F.linear(F.linear(x, A) * mask, B)
 
 
 def _layers(model):
@@ -171,12 +176,13 @@ def weighted_adapters(model, weights: dict[str, float]):
 
 
 def mixed_adapters(model, names, row_adapter):
-    """Row b of every batch uses adapter names[row_adapter[b]] (first dim of each Linear input = batch)."""
+    """Row b of every batch uses adapter names[row_adapter[b]] (first dim of each Linear input = batch).
+    Without autograd, each layer concatenates its adapters once per block: change no adapter inside it."""
     _check(model, names)
     rows = torch.as_tensor(row_adapter, dtype=torch.long)
     if rows.dim() != 1 or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < len(names)):
         raise InputError(f"mixed_adapters: row_adapter must be a 1-D index into {len(names)} adapters")
-    return _mode(model, (list(names), rows.to(next(model.parameters()).device)))
+    return _mode(model, (list(names), rows.to(next(model.parameters()).device), {}))
 
 
 def adapter_major_rows(num_adapters, rows_per_adapter) -> torch.Tensor:
