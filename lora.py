@@ -3,7 +3,8 @@
 A targeted nn.Linear computes W x + (alpha/r)·B A drop(x); A [r,in] ~ kaiming_uniform(a=√5), B [out,r] = 0, so
 the adapted model equals the base at init. Named adapters share one base: set_adapter / adapters_disabled (the
 KL reference policy, no second model copy); weighted_adapters (unmerged Σ_i w_i·delta_i); mixed_adapters (row b
-uses its own adapter: one shared base matmul + a gathered, batched low-rank bmm; ensemble decoding, Eq. (2));
+uses its own adapter: one shared base matmul + x @ [A_1;..;A_K]^T masked to the row's block, @ [B_1..B_K]^T;
+ensemble decoding, Eq. (2));
 merge / unmerge: parameter-level aggregation, Eq. (4): θ = θ0 + Σ_i w_i·(alpha/r)·B_i A_i (unmerge copies θ0 back).
 Files use PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
 base_model.model.<module>.lora_{A,B}.weight): adapters move both ways between this code and peft.

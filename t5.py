@@ -14,7 +14,8 @@ T5 (Raffel et al., 2020) details reproduced weight-for-weight with Hugging Face 
 - v1.0: ReLU feed-forward, LM head tied to the input embedding, decoder output rescaled by
   d_model^-0.5; v1.1 / flan: gated tanh-GELU feed-forward, untied LM head, no rescaling;
 - dropout where HF has it (embeddings, attention weights, sublayer outputs, FFN, final norm);
-- incremental decoding: self-attention K/V grow by one step per call, cross-attention K/V are
+- incremental decoding: self-attention K/V are written in place into preallocated buffers (gpt-fast
+  style, doubled when full), cross-attention K/V and the decoder's causal position bias table are
   computed once per prompt (`KVCache`); `decode_loop` knows nothing of the model, so the
   ensembles of search.py reuse it with their own `next_logits`.
 - Module names equal HF's parameter names; `checkpoint_key_map(model)` is the printable key map
