@@ -48,7 +48,7 @@ class LoRALinear(nn.Linear):
         self.register_parameter("bias", base.bias)
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.alpha, self.dropout_p = {}, {}
-        self.mode = None      # None (base) | {name: weight} | (names, row_adapter LongTensor[B], {layer: built})
+        self.mode = None      # None (base) | {name: weight} | (names, row_adapter LongTensor[B])
         self.unmerged = None  # copy of the base weight while merged
 
     def add(self, name, r, alpha, dropout):
@@ -81,15 +81,12 @@ class LoRALinear(nn.Linear):
                     h = (F.dropout(x, p, True) if self.training and p > 0 else x) @ self.lora_A[name].T
                     out = out + (w * self.scaling(name)) * (h @ self.lora_B[name].T)
             return out
-        names, rows, built = self.mode
+        names, rows = self.mode
         if not any(n in self.lora_A for n in names):
             return out
         if rows.numel() != x.shape[0]:
             raise InputError(f"mixed_adapters: row_adapter has {rows.numel()} rows, the batch has {x.shape[0]}")
-        if torch.is_grad_enabled():  # autograd needs the concatenation in this call's graph
-            A, B, mask = self._concatenated(names, rows)
-        else:  # inference: built once per mixed_adapters block, not at every decoding step
-            A, B, mask = built[self] if self in built else built.setdefault(self, self._concatenated(names, rows))
+        A, B, mask = self._concatenated(names, rows)  # per call: cheap ([R,in]); a cache across calls cost peak RSS
         if self.training:  # each row gets its own adapter's dropout rate
             p = torch.tensor([self.dropout_p.get(n, 0.0) for n in names], device=x.device, dtype=x.dtype)
             keep = (1 - p[rows]).view(-1, *[1] * (x.dim() - 1))
@@ -177,13 +174,12 @@ def weighted_adapters(model, weights: dict[str, float]):
 
 
 def mixed_adapters(model, names, row_adapter):
-    """Row b of every batch uses adapter names[row_adapter[b]] (first dim of each Linear input = batch).
-    Without autograd, each layer concatenates its adapters once per block: change no adapter inside it."""
+    """Row b of every batch uses adapter names[row_adapter[b]] (first dim of each Linear input = batch)."""
     _check(model, names)
     rows = torch.as_tensor(row_adapter, dtype=torch.long)
     if rows.dim() != 1 or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < len(names)):
         raise InputError(f"mixed_adapters: row_adapter must be a 1-D index into {len(names)} adapters")
-    return _mode(model, (list(names), rows.to(next(model.parameters()).device), {}))
+    return _mode(model, (list(names), rows.to(next(model.parameters()).device)))
 
 
 def adapter_major_rows(num_adapters, rows_per_adapter) -> torch.Tensor:

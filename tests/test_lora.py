@@ -58,13 +58,13 @@ def test_init_equals_base_and_only_adapters_train():
     assert model.block[0]["q"].lora_A["a"].shape == (8, 8) and model.block[0]["q"].lora_B["a"].shape == (12, 8)
 
 
-@pytest.mark.parametrize("grad", [True, False])  # concatenated per call (autograd) / once per block (no_grad)
+@pytest.mark.parametrize("grad", [True, False])
 def test_mixed_rows_equal_single_adapters(grad):
     model = toy_with_adapters()
     names, rows = ["c", "a", "b"], lora.adapter_major_rows(3, 2)
     assert rows.tolist() == [0, 0, 1, 1, 2, 2]
     with torch.set_grad_enabled(grad), lora.mixed_adapters(model, names, rows):
-        mixed, again = model(X), model(X)  # the second call re-uses what the first one built
+        mixed, again = model(X), model(X)
     assert torch.equal(mixed, again)
     assert lora.adapter_names(model) == ["a", "b", "c"]
     for k, name in enumerate(names):
@@ -82,7 +82,7 @@ def test_mixed_rows_in_any_order_and_a_new_block_sees_new_weights():
         for i, name in enumerate("abc"):
             lora.set_adapter(model, name)
             torch.testing.assert_close(mixed[rows == i], model(X)[rows == i], rtol=1e-5, atol=1e-6)
-        model.block[0]["q"].lora_B["a"].mul_(2)  # between blocks: the next block must not re-use old weights
+        model.block[0]["q"].lora_B["a"].mul_(2)  # a changed adapter is seen by the next block
         with lora.mixed_adapters(model, ["a", "b", "c"], rows):
             changed = model(X)
         lora.set_adapter(model, "a")
