@@ -3,7 +3,8 @@
 A targeted nn.Linear computes W x + (alpha/r)·B A drop(x); A [r,in] ~ kaiming_uniform(a=√5), B [out,r] = 0, so
 the adapted model equals the base at init. Named adapters share one base: set_adapter / adapters_disabled (the
 KL reference policy, no second model copy); weighted_adapters (unmerged Σ_i w_i·delta_i); mixed_adapters (row b
-uses its own adapter: one shared base matmul + a gathered, batched low-rank bmm; ensemble decoding, Eq. (2));
+uses its own adapter: one shared base matmul + x @ [A_1;..;A_K]^T masked to the row's block, @ [B_1..B_K]^T;
+ensemble decoding, Eq. (2));
 merge / unmerge: parameter-level aggregation, Eq. (4): θ = θ0 + Σ_i w_i·(alpha/r)·B_i A_i (unmerge copies θ0 back).
 Files use PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
 base_model.model.<module>.lora_{A,B}.weight): adapters move both ways between this code and peft.
@@ -60,11 +61,15 @@ class LoRALinear(nn.Linear):
     def scaling(self, name):
         return self.alpha[name] / self.lora_A[name].shape[0]
 
-    def _padded(self, name, rank):  # (A [rank,in], scaling·B [out,rank]); zeros where this layer lacks `name`
-        if name not in self.lora_A:
-            return self.weight.new_zeros(rank, self.in_features), self.weight.new_zeros(self.out_features, rank)
-        pad = rank - self.lora_A[name].shape[0]
-        return F.pad(self.lora_A[name], (0, 0, 0, pad)), F.pad(self.lora_B[name] * self.scaling(name), (0, pad))
+    def _concatenated(self, names, rows):
+        """x @ [A_1;...;A_K]^T, masked to each row's own block, then @ [s_1 B_1 ... s_K B_K]^T = s_i B_i A_i x
+        for every row at once: two matmuls and no per-row gather (ranks may differ; a missing adapter adds nothing).
+        -> A [R,in], B [out,R], mask [N,R] (1 where column j belongs to row n's adapter)."""
+        present = [(i, n) for i, n in enumerate(names) if n in self.lora_A]
+        A = torch.cat([self.lora_A[n] for _, n in present])
+        B = torch.cat([self.lora_B[n] * self.scaling(n) for _, n in present], 1)
+        owner = torch.cat([torch.full((self.lora_A[n].shape[0],), i, device=rows.device) for i, n in present])
+        return A, B, (rows[:, None] == owner).to(A.dtype)
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
@@ -78,19 +83,17 @@ class LoRALinear(nn.Linear):
                     out = out + (w * self.scaling(name)) * (h @ self.lora_B[name].T)
             return out
         names, rows = self.mode
-        present = [n for n in names if n in self.lora_A]
-        if not present:
+        if not any(n in self.lora_A for n in names):
             return out
         if rows.numel() != x.shape[0]:
             raise InputError(f"mixed_adapters: row_adapter has {rows.numel()} rows, the batch has {x.shape[0]}")
-        rank = max(self.lora_A[n].shape[0] for n in present)
-        A, B = (torch.stack(t)[rows] for t in zip(*(self._padded(n, rank) for n in names)))  # [N,r,in], [N,out,r]
+        A, B, mask = self._concatenated(names, rows)  # per call: cheap ([R,in]); a cache across calls cost peak RSS
         if self.training:  # each row gets its own adapter's dropout rate
             p = torch.tensor([self.dropout_p.get(n, 0.0) for n in names], device=x.device, dtype=x.dtype)
             keep = (1 - p[rows]).view(-1, *[1] * (x.dim() - 1))
             x = x * torch.bernoulli(keep.expand_as(x)) / keep
-        flat = x.reshape(x.shape[0], -1, self.in_features)
-        return out + torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).reshape(out.shape)
+        mask = mask.view(x.shape[0], *[1] * (x.dim() - 2), -1)
+        return out + F.linear(F.linear(x, A) * mask, B)
 
 
 def _layers(model):

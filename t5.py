@@ -14,7 +14,8 @@ T5 (Raffel et al., 2020) details reproduced weight-for-weight with Hugging Face 
 - v1.0: ReLU feed-forward, LM head tied to the input embedding, decoder output rescaled by
   d_model^-0.5; v1.1 / flan: gated tanh-GELU feed-forward, untied LM head, no rescaling;
 - dropout where HF has it (embeddings, attention weights, sublayer outputs, FFN, final norm);
-- incremental decoding: self-attention K/V grow by one step per call, cross-attention K/V are
+- incremental decoding: self-attention K/V are written in place into preallocated buffers (gpt-fast
+  style, doubled when full), cross-attention K/V and the decoder's causal position bias table are
   computed once per prompt (`KVCache`); `decode_loop` knows nothing of the model, so the
   ensembles of search.py reuse it with their own `next_logits`.
 - Module names equal HF's parameter names; `checkpoint_key_map(model)` is the printable key map
@@ -253,10 +254,10 @@ class T5LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model))
         self.eps = eps
 
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(self.weight.dtype)
+    def forward(self, x):  # F.rms_norm: x * rsqrt(mean(x^2) + eps) in one kernel (bit-identical in fp32)
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(self.weight.dtype)
 
 
 def relative_position_bucket(relative_position, bidirectional, num_buckets=32, max_distance=128):
@@ -359,12 +360,12 @@ class T5LayerSelfAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = Dropout(config.dropout_rate)
 
-    def forward(self, x, bias, past=None):
+    def forward(self, x, bias, cache=None, layer=0):
         h = self.layer_norm(x)
         key, value = self.SelfAttention.key_values(h)
-        if past is not None:
-            key, value = torch.cat([past[0], key], 2), torch.cat([past[1], value], 2)
-        return x + self.dropout(self.SelfAttention(h, key, value, bias)), (key, value)
+        if cache is not None:
+            key, value = cache.append(layer, key, value)
+        return x + self.dropout(self.SelfAttention(h, key, value, bias))
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -413,13 +414,31 @@ class T5Stack(nn.Module):
 
 class KVCache:
     """Decoder state between `decode` calls: per layer the self-attention K/V of every token so far
-    (grows each call) and the cross-attention K/V of the encoder output (computed once)."""
+    and the cross-attention K/V of the encoder output (computed once). gpt-fast style, the self K/V
+    live in buffers [B,H,capacity,dk] written in place (a full buffer doubles), not re-concatenated
+    every step; `position_bias` is the decoder's causal bias for every (query, key) position pair,
+    computed once per capacity, so a step only slices it."""
 
-    def __init__(self, num_layers):
-        self.self_kv = [None] * num_layers
+    def __init__(self, num_layers, capacity=64):
+        self.capacity = capacity  # default: SPEC's 64 new tokens; a longer decode doubles it
+        self.self_k, self.self_v = [None] * num_layers, [None] * num_layers
         self.cross_kv = [None] * num_layers
         self.cross_bias = None
+        self.position_bias = None  # [1,H,capacity,capacity], set by T5ForConditionalGeneration.decode
         self.length = 0  # decoder tokens seen
+
+    def append(self, layer, key, value):
+        """Write the new tokens' K/V [B,H,new,dk] after the cached ones; -> all K/V so far (views)."""
+        start, end = self.length, self.length + key.shape[2]
+        if self.self_k[layer] is None or end > self.self_k[layer].shape[2]:
+            grown = [key.new_zeros(*key.shape[:2], self.capacity, key.shape[3]) for _ in range(2)]
+            for buffer, old in zip(grown, (self.self_k[layer], self.self_v[layer])):
+                if old is not None:
+                    buffer[:, :, :start] = old[:, :, :start]
+            self.self_k[layer], self.self_v[layer] = grown
+        self.self_k[layer][:, :, start:end] = key
+        self.self_v[layer][:, :, start:end] = value
+        return self.self_k[layer][:, :, :end], self.self_v[layer][:, :, :end]
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -459,7 +478,7 @@ class T5ForConditionalGeneration(nn.Module):
         bias = bias + padding_bias(attention_mask, x.dtype)  # computed once, used by every block
         for block in enc.block:
             self_attention, feed_forward = block.layer
-            x, _ = self_attention(x, bias)
+            x = self_attention(x, bias)
             x = feed_forward(x)
         return enc.dropout(enc.final_layer_norm(x))
 
@@ -469,19 +488,24 @@ class T5ForConditionalGeneration(nn.Module):
         final layer norm -- the f_i of Eq. (2) --, cache)."""
         dec = self.decoder
         if cache is None:
-            cache = KVCache(len(dec.block))
+            cache = KVCache(len(dec.block), capacity=max(64, decoder_input_ids.shape[1]))
+        if cache.cross_bias is None:
             cache.cross_bias = padding_bias(encoder_mask, encoder_hidden.dtype)
         x = dec.dropout(self.shared(decoder_input_ids))
         past, new = cache.length, x.shape[1]
-        bias = dec.block[0].layer[0].SelfAttention.position_bias(new, past + new, offset=past).to(x.dtype)
-        if new > 1:  # causal mask; a single new token may see everything before it
-            key, query = torch.arange(past + new, device=x.device), torch.arange(past, past + new, device=x.device)
-            bias = bias.masked_fill(key[None, :] > query[:, None], torch.finfo(x.dtype).min)
+        if past + new > cache.capacity:  # grow to twice what is needed: amortised O(1) per token
+            cache.capacity, cache.position_bias = 2 * (past + new), None
+        if cache.position_bias is None:
+            size = cache.capacity
+            bias = dec.block[0].layer[0].SelfAttention.position_bias(size, size).to(x.dtype)
+            causal = torch.ones(size, size, dtype=torch.bool, device=x.device).triu(1)  # key after query
+            cache.position_bias = bias.masked_fill(causal, torch.finfo(x.dtype).min)
+        bias = cache.position_bias[:, :, past:past + new, :past + new]
         for i, block in enumerate(dec.block):
             self_attention, cross_attention, feed_forward = block.layer
-            x, cache.self_kv[i] = self_attention(x, bias, cache.self_kv[i])
-            if cache.cross_kv[i] is None:  # once per prompt
-                cache.cross_kv[i] = cross_attention.EncDecAttention.key_values(encoder_hidden)
+            x = self_attention(x, bias, cache, i)
+            if cache.cross_kv[i] is None:  # once per prompt; contiguous, so no step copies it again
+                cache.cross_kv[i] = [t.contiguous() for t in cross_attention.EncDecAttention.key_values(encoder_hidden)]
             x = cross_attention(x, cache.cross_kv[i], cache.cross_bias)
             x = feed_forward(x)
         cache.length = past + new
@@ -547,7 +571,7 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens=64, do_sample=F
              top_k=0, generator=None):
     """Encode once, then decode one token per step with the KV cache. -> (tokens, logprobs)."""
     encoder_hidden = model.encode(input_ids, attention_mask)
-    cache = None
+    cache = KVCache(len(model.decoder.block), capacity=max_new_tokens)
 
     def next_logits(last):
         nonlocal cache

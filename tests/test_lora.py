@@ -37,7 +37,7 @@ def perturb(params, seed):
 def toy_with_adapters(seed=0):
     model = Toy(seed).eval()
     lora.add_adapter(model, "a")
-    lora.add_adapter(model, "b", r=4, alpha=8)       # another rank: mixed mode zero-pads
+    lora.add_adapter(model, "b", r=4, alpha=8)       # another rank: mixed mode concatenates ranks 8 + 4 + 8
     lora.add_adapter(model, "c", targets=("q",))     # a subset of layers: absent elsewhere
     for i, name in enumerate("abc"):
         perturb(lora.adapter_parameters(model, name), seed=i + 1)
@@ -58,17 +58,36 @@ def test_init_equals_base_and_only_adapters_train():
     assert model.block[0]["q"].lora_A["a"].shape == (8, 8) and model.block[0]["q"].lora_B["a"].shape == (12, 8)
 
 
-def test_mixed_rows_equal_single_adapters():
+@pytest.mark.parametrize("grad", [True, False])
+def test_mixed_rows_equal_single_adapters(grad):
     model = toy_with_adapters()
     names, rows = ["c", "a", "b"], lora.adapter_major_rows(3, 2)
     assert rows.tolist() == [0, 0, 1, 1, 2, 2]
-    with lora.mixed_adapters(model, names, rows):
-        mixed = model(X)
+    with torch.set_grad_enabled(grad), lora.mixed_adapters(model, names, rows):
+        mixed, again = model(X), model(X)
+    assert torch.equal(mixed, again)
     assert lora.adapter_names(model) == ["a", "b", "c"]
     for k, name in enumerate(names):
         lora.set_adapter(model, name)
         torch.testing.assert_close(mixed[2 * k:2 * k + 2], model(X)[2 * k:2 * k + 2], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(mixed[0:2], mixed[2:4])  # the adapters really differ
+
+
+def test_mixed_rows_in_any_order_and_a_new_block_sees_new_weights():
+    model = toy_with_adapters()
+    rows = torch.tensor([2, 0, 1, 0, 2, 1])  # not adapter-major: each row picks its block by the mask
+    with torch.no_grad():
+        with lora.mixed_adapters(model, ["a", "b", "c"], rows):
+            mixed = model(X)
+        for i, name in enumerate("abc"):
+            lora.set_adapter(model, name)
+            torch.testing.assert_close(mixed[rows == i], model(X)[rows == i], rtol=1e-5, atol=1e-6)
+        model.block[0]["q"].lora_B["a"].mul_(2)  # a changed adapter is seen by the next block
+        with lora.mixed_adapters(model, ["a", "b", "c"], rows):
+            changed = model(X)
+        lora.set_adapter(model, "a")
+        torch.testing.assert_close(changed[rows == 0], model(X)[rows == 0], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(changed[rows == 0], mixed[rows == 0])
 
 
 def test_disabled_equals_base_and_state_comes_back():
@@ -244,7 +263,7 @@ def test_t5_adapter_matches_peft_both_ways(t5_dir, tmp_path):
             assert torch.equal(ours(IDS, MASK, DEC), base)
         with lora.mixed_adapters(ours, ["peft", "ours"], torch.tensor([1, 0])):  # row 0: ours, row 1: peft
             mixed = ours(IDS, MASK, DEC)
-    torch.testing.assert_close(mixed[0], adapted[0], rtol=1e-4, atol=1e-4)  # bmm sums in another order
+    torch.testing.assert_close(mixed[0], adapted[0], rtol=1e-4, atol=1e-4)  # masked matmuls sum in another order
     torch.testing.assert_close(mixed[1], hf_logits(peft_model)[1], rtol=1e-4, atol=1e-4)
 
 

@@ -181,7 +181,13 @@ def test_kv_cache_equals_full_recompute(pair):
             step, cache = ours.decode(decoder_ids[:, t:t + 1], encoder_hidden, mask, cache)
             full, _ = ours.decode(decoder_ids[:, :t + 1], encoder_hidden, mask)
             close(step[:, 0], full[:, -1], tol=1e-4)  # same maths, other matmul shapes
-        assert cache.length == 25 and cache.self_kv[0][0].shape[2] == 25
+        assert cache.length == 25 and cache.self_k[0].shape[2] == cache.capacity == 64  # written in place
+        # a buffer that starts tiny doubles as it fills: the same K/V, the same hidden states
+        small = t5.KVCache(len(ours.decoder.block), capacity=1)
+        for t in range(decoder_ids.shape[1]):
+            grown, small = ours.decode(decoder_ids[:, t:t + 1], encoder_hidden, mask, small)
+        assert small.capacity > 25 and torch.equal(grown, step)
+        assert torch.equal(small.self_k[2][:, :, :25], cache.self_k[2][:, :, :25])
         # a multi-token chunk after a cached prefix (causal mask with an offset)
         _, cache = ours.decode(decoder_ids[:, :10], encoder_hidden, mask)
         chunk, _ = ours.decode(decoder_ids[:, 10:], encoder_hidden, mask, cache)
