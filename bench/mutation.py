@@ -1,0 +1,262 @@
+"""Mutation testing of the core with mutmut (dev-only dependency, requirements-dev.txt).
+
+For each module in scope the script makes a private copy of the working tree under
+`.mutation/<module>/` (git's tracked + untracked-not-ignored files), writes a mutmut config there
+that mutates only that module and selects only that module's fast test files, runs `mutmut run`
+(mutmut then runs, for each mutant, only the selected tests that call the mutated function), and
+reads mutmut's result files into one table: killed / timeout / survived / equivalent / no tests,
+score = (killed + timeout) / (mutants - equivalent).
+
+Scope (MODULES below): scst.py, search.py, lora.py, rewards.py, evaluate.py, report.py, and the
+generation code of t5.py only (top_k_filter, decode_loop, generate, the KV-cache decoder path
+T5ForConditionalGeneration.decode / logits, T5LayerSelfAttention.forward, T5Attention.position_bias,
+KVCache); t5's model layers, loader and tokenizer are checked against Hugging Face in test_t5.py
+and are left out to keep the count down.
+
+mutmut does not mutate functions with a decorator other than @staticmethod/@classmethod. So that
+`@torch.no_grad()` functions (t5.generate, search.ensemble_generate, lora.merge, ...) and
+`@contextmanager` ones are mutated too, the copy rewrites `@deco\\ndef f(...)` at module level as
+`def f(...)` followed by `f = deco(f)` -- the same function object, so the same behaviour.
+
+Equivalent mutants are listed in EQUIVALENT by (function, the mutated line) with one line why;
+a surviving mutant whose diff matches an entry is counted as equivalent, not survived.
+
+    python bench/mutation.py [MODULE ...] [--jobs 2] [--out bench/results/mutation.md] [--survivors]
+
+The table goes to stdout and to --out (Markdown) with a JSON file beside it listing every
+mutant's status; --survivors also prints the diff of every surviving mutant. Run it with
+`nice -n 10` on a shared machine. Same code + same tests -> same table (mutmut's mutants and the
+tests are deterministic; a timeout is decided on CPU time, 15x the test's clean duration).
+"""
+import argparse
+import ast
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# module -> (test files it is checked by, functions in scope: None = all, functions left out).
+# Names are "function" or "Class.method" (fnmatch patterns). Missing test files are skipped, so a file
+# added later (tests/test_evaluate.py) is picked up.
+MODULES = {
+    "rewards": (["tests/test_rewards.py"], None,
+                # checkpoint loading / conversion and model construction: file plumbing, checked against
+                # Hugging Face and by the error tests, not a stated behaviour of the method
+                ["load_distilbert_classifier", "*.from_dir", "convert_checkpoint", "checkpoint_key", "_unwrap",
+                 "load_scorers", "check_vocab", "*.__init__"]),
+    "report": (["tests/test_search.py", "tests/test_report.py"], None,
+               # the SVG figure's drawing (coordinates, colours); test_search checks its structure
+               ["search_svg", "_subpanel", "_colourbar", "colour"]),
+    "search": (["tests/test_search.py"], None, []),
+    "lora": (["tests/test_lora.py"], None, []),
+    "scst": (["tests/test_scst.py"], None, []),
+    "evaluate": (["tests/test_evaluate.py", "tests/test_search.py"], None, []),
+    "t5": (["tests/test_t5.py"],
+           # generation only; the model layers, loader and tokenizer are checked against HF in test_t5.py
+           ["top_k_filter", "decode_loop", "generate", "T5ForConditionalGeneration.decode",
+            "T5ForConditionalGeneration.logits", "T5LayerSelfAttention.forward", "T5Attention.position_bias",
+            "KVCache.*"], []),
+}
+COMMON_TESTS = ["tests/test_mutants.py"]  # the tests written to kill surviving mutants
+
+# Surviving mutants that cannot change behaviour: (function, mutated line as mutmut writes it, why).
+# The line is matched after stripping whitespace; "*" wildcards are allowed.
+EQUIVALENT = [
+]
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
+          -11: "segfault", -9: "segfault", None: "not checked"}
+
+
+def functions(path):
+    """Top-level functions and methods of a module: 'name' or 'Class.method'."""
+    tree = ast.parse(Path(path).read_text())
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield f"{node.name}.{item.name}"
+
+
+def in_scope(module):
+    """mutmut's mutant-name patterns for the functions in scope, and the functions themselves."""
+    _, include, exclude = MODULES[module]
+    names = [f for f in functions(ROOT / f"{module}.py")
+             if (include is None or any(fnmatch.fnmatchcase(f, p) for p in include))
+             and not any(fnmatch.fnmatchcase(f, p) for p in exclude)]
+    mangled = [f"x_{f}" if "." not in f else "xǁ" + f.replace(".", "ǁ") for f in names]
+    return [f"{module}.{m}__mutmut_*" for m in mangled], names
+
+
+def source_files():
+    """The working tree as git sees it (tracked + untracked, minus ignored); a plain walk without git."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+        return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", ".venv", ".mutation", "mutants", "runs", "__pycache__", ".pytest_cache"}
+        return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+
+
+def undecorate(source: str) -> str:
+    """`@deco` + `def f` at module level -> `def f` ... `f = deco(f)` (mutmut skips decorated functions)."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    edits = []  # (first decorator line, last line of the function, name, decorator sources)
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.decorator_list:
+            decos = [ast.get_source_segment(source, d) for d in node.decorator_list]
+            edits.append((node.decorator_list[0].lineno, node.end_lineno, node.name, decos))
+    for first, last, name, decos in reversed(edits):
+        wrapped = name
+        for deco in reversed(decos):
+            wrapped = f"({deco})({wrapped})"
+        lines.insert(last, f"{name} = {wrapped}\n")
+        del lines[first - 1:first - 1 + len(decos)]
+    return "".join(lines)
+
+
+def prepare(module, work, tests):
+    """A fresh copy of the tree in `work` with the mutmut config for one module."""
+    shutil.rmtree(work, ignore_errors=True)
+    files = source_files()
+    for rel in files:
+        dst = work / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst)
+    target = work / f"{module}.py"
+    target.write_text(undecorate(target.read_text()))
+    top = sorted({rel.split("/")[0] for rel in files if rel.endswith(".py") and "/" not in rel})
+    dirs = sorted({rel.split("/")[0] for rel in files
+                   if "/" in rel and not rel.startswith((".", "tests/", "bench/"))})
+    (work / "setup.cfg").write_text(
+        "[mutmut]\n"
+        "source_paths =\n" + "".join(f"    {p}\n" for p in top + dirs) +
+        f"only_mutate = {module}.py\n"
+        "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests) +
+        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -x\n"
+        # fork from the process that ran the tests once: torch and the HF oracles are imported already
+        "process_isolation = fork\n"
+        "timeout_constant = 5\n"
+        "use_git_change_detection = false\n")
+
+
+def mutmut(work, *args):
+    exe = Path(sys.executable).with_name("mutmut")
+    cmd = [str(exe) if exe.exists() else "mutmut", *args]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+
+
+def diff_lines(work, name):
+    """(removed, added) source lines of one mutant, from `mutmut show`."""
+    out = mutmut(work, "show", name).stdout.splitlines()
+    removed = [l[1:].strip() for l in out if l.startswith("-") and not l.startswith("---")]
+    added = [l[1:].strip() for l in out if l.startswith("+") and not l.startswith("+++")]
+    return removed, added, "\n".join(out[1:])
+
+
+def function_of(name):
+    """'search.x_grid_points__mutmut_3' -> 'search.grid_points'; methods -> 'module.Class.method'."""
+    module, _, rest = name.partition(".")
+    rest = rest.partition("__mutmut_")[0]
+    rest = rest[2:] if rest.startswith("x_") else rest[1:].replace("ǁ", ".")
+    return f"{module}.{rest}"
+
+
+def equivalent_reason(function, added):
+    for fn, line, why in EQUIVALENT:
+        if fn == function and any(fnmatch.fnmatchcase(a, line) for a in added):
+            return why
+    return None
+
+
+def run_module(module, jobs, show_survivors):
+    tests = MODULES[module][0]
+    patterns, _ = in_scope(module)
+    tests = [t for t in tests + COMMON_TESTS if (ROOT / t).exists()]
+    work = ROOT / ".mutation" / module
+    prepare(module, work, tests)
+    start = time.time()
+    proc = mutmut(work, "run", "--max-children", str(jobs), *patterns)
+    seconds = time.time() - start
+    meta = work / "mutants" / f"{module}.py.meta"
+    if not meta.exists():
+        sys.exit(f"error: mutmut produced no results for {module}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    mutants = []
+    for name, code in sorted(codes.items(), key=lambda kv: (kv[0].partition("__mutmut_")[0],
+                                                            int(kv[0].rpartition("_")[2]))):
+        status = STATUS.get(code, "suspicious")
+        entry = {"name": name, "function": function_of(name), "status": status}
+        if status in ("survived", "no tests"):
+            removed, added, diff = diff_lines(work, name)
+            entry.update(removed=removed, added=added)
+            why = equivalent_reason(entry["function"], added)
+            if why:
+                entry.update(status="equivalent", why=why)
+            elif show_survivors:
+                print(f"# {name}: {status}\n{diff}\n", flush=True)
+        mutants.append(entry)
+    return {"module": module, "tests": tests, "seconds": round(seconds), "mutants": mutants}
+
+
+def row(result):
+    count = lambda s: sum(m["status"] == s for m in result["mutants"])
+    n, killed, timeout = len(result["mutants"]), count("killed"), count("timeout")
+    equivalent, survived, no_tests = count("equivalent"), count("survived"), count("no tests")
+    other = n - killed - timeout - equivalent - survived - no_tests
+    score = 100.0 * (killed + timeout) / max(1, n - equivalent)
+    return [result["module"], n, killed, timeout, survived, equivalent, no_tests, other, f"{score:.1f} %",
+            result["seconds"]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"modules to test (default: all of {', '.join(MODULES)})")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested in parallel (default 2)")
+    parser.add_argument("--out", default="bench/results/mutation.md", help="Markdown table; JSON beside it")
+    parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
+    args = parser.parse_args()
+    modules = args.modules or list(MODULES)
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module {unknown[0]!r} (choose from {', '.join(MODULES)})")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    results = []
+    for module in modules:
+        print(f"mutation: {module} ...", file=sys.stderr, flush=True)
+        results.append(run_module(module, args.jobs, args.survivors))
+        print("mutation: " + " | ".join(map(str, row(results[-1]))), file=sys.stderr, flush=True)
+    header = ["module", "mutants", "killed", "timeout", "survived", "equivalent", "no tests", "other",
+              "score", "seconds"]
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(map(str, row(r))) + " |" for r in results]
+    text = f"mutmut, commit {commit}{' (+ uncommitted changes)' if dirty else ''}\n\n" + "\n".join(table) + "\n"
+    lines = [f"- {m['name']}: {m['status']}" + (f" ({m['why']})" if "why" in m else "")
+             for r in results for m in r["mutants"] if m["status"] not in ("killed", "timeout")]
+    print(text)
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\nNot killed:\n" + "\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"commit": commit, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
