@@ -61,3 +61,212 @@ def test_pareto_report_and_its_printout():
         "  w=(1.000,1.000) | x 0.700 y 0.700 | mean 0.700\n"
         "  w=(1.000,0.000) | x 0.900 y 0.100 | mean 0.500\n"
         "  w=(0.000,1.000) | x 0.200 y 0.800 | mean 0.500")
+
+
+# ----------------------------------------------------------------------------- search.py
+import json  # noqa: E402
+
+import lora  # noqa: E402
+import search  # noqa: E402
+import t5  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def three_adapters():
+    """float64 random T5 (v1.1 flavour, untied head) with three adapters whose B matrices are
+    perturbed, so that the adapters, their mixture and their merge all decode differently."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=48, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                      tie_word_embeddings=False, feed_forward_proj="gated-gelu")
+    model = t5.T5ForConditionalGeneration(cfg).double()
+    for name in ("a", "b", "c"):
+        lora.add_adapter(model, name, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for _, m in lora._layers(model):
+            for name in ("a", "b", "c"):
+                m.lora_B[name].normal_(0.0, 0.3)
+    return model.eval()
+
+
+class WordTokenizer:
+    """words <-> ids 3..42 (a word's id is a hash of its letters); tensors made on `device`."""
+
+    def batch_encode(self, texts, max_length=128, device="cpu"):
+        rows = [[3 + (sum(map(ord, w)) % 40) for w in t.split()][: max_length - 1] + [1] for t in texts]
+        out = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r)
+        return out, (out != 0).long()
+
+    def batch_decode(self, tokens):
+        return [" ".join(f"t{i}" for i in row if i > 1) for row in tokens.tolist()]
+
+
+def test_make_objective_decodes_at_the_requested_level_with_64_new_tokens(three_adapters):
+    """`search --level param` scores the merged model's texts (not the hidden level's), decoded with the
+    default ≤ 64 new tokens (SPEC: all levels decode greedily, ≤ 64 tokens)."""
+    model, tok = three_adapters, WordTokenizer()
+    prompts, weights = ["i feel sad", "work is hard today", "nothing helps"], [0.5, 0.3, 0.2]
+    ids, mask = tok.batch_encode([p + " [SEP] " for p in prompts])
+    texts = {level: tok.batch_decode(search.ensemble_generate(model, ["a", "b", "c"], weights, ids, mask, level=level))
+             for level in ("hidden", "param")}
+    assert texts["hidden"] != texts["param"]  # the two levels differ on this model, so the test can fail
+    assert max(len(t.split()) for t in texts["param"]) == 64  # a row runs to the cap: 65 would show
+    for level in ("hidden", "param"):
+        seen = []
+        scorers = {"words": lambda p, r: (seen.extend(r), torch.tensor([len(x.split()) / 64 for x in r]))[1]}
+        objective = search.make_objective(model, tok, ["a", "b", "c"], scorers, prompts, level=level)
+        mean, per = objective(weights)
+        assert seen == texts[level]
+        assert per == pytest.approx([sum(len(x.split()) / 64 for x in texts[level]) / 3]) and mean == per[0]
+
+
+def test_make_objective_without_prompts_says_so(three_adapters):
+    with pytest.raises(InputError, match="^grid search: the aggregation split has no prompts$"):
+        search.make_objective(three_adapters, WordTokenizer(), ["a", "b", "c"], {}, [])
+
+
+def peak_objective(weights):
+    """A smooth, scale-invariant objective with its maximum on the ray (0.8, 0.5, 0.05)."""
+    if not any(weights):
+        return -math.inf, [-math.inf] * 3
+    w = torch.tensor(search.normalise(weights), dtype=torch.float64)
+    peak = torch.tensor([0.8, 0.5, 0.05], dtype=torch.float64)
+    value = float(w @ peak / w.norm() / peak.norm())
+    return value, [value, value - 0.01, value - 0.02]
+
+
+def test_run_search_defaults_write_search_json_with_5_iterations(tmp_path, monkeypatch, capsys):
+    """README: `search` writes search.json; Algorithm 1 runs 5 iterations (§4.2). The file's header
+    (objectives, num_iterations, meta) is what a resumed run is compared with."""
+    monkeypatch.chdir(tmp_path)
+    names = ["reflection", "empathy", "fluency"]
+    result = search.run_search(peak_objective, names)
+    stored = t5.read_json("search.json")
+    assert stored["objectives"] == names and stored["num_iterations"] == 5 and stored["meta"] is None
+    assert len(stored["iterations"]) == 5 and len(result["iterations"]) == 5
+    assert stored["best_weights"] == search.hierarchical_grid_search(peak_objective, 3)["best_weights"]
+    # a file holding only the header (no evaluation yet) is a fresh start, not an error
+    (tmp_path / "fresh.json").write_text(json.dumps({"objectives": names, "num_iterations": 2, "meta": None}))
+    fresh = search.run_search(peak_objective, names, "fresh.json", iterations=2)
+    assert len(fresh["evaluations"]) == len(search.hierarchical_grid_search(peak_objective, 3, 2)["evaluations"])
+    with pytest.raises(InputError, match="written by a different search .*; delete it or choose another output path$"):
+        search.run_search(peak_objective, names, "fresh.json", iterations=3)
+
+
+def test_param_level_is_the_weighted_sum_of_the_adapters_deltas(three_adapters):
+    """Appendix 11.1 / Eq. (4): the parameter level decodes θ0 + Σ w_i ΔW_i (w normalised). Oracle: the
+    unmerged weighted forward W x + Σ w_i ΔW_i x (lora.weighted_adapters), greedy through t5.generate."""
+    model, tok = three_adapters, WordTokenizer()
+    ids, mask = tok.batch_encode(["i feel sad [SEP] ", "work is hard today [SEP] "])
+    weights = [0.5, 0.3, 0.2]
+    with lora.weighted_adapters(model, dict(zip("abc", weights))):
+        expected = t5.generate(model, ids, mask, max_new_tokens=12)[0]
+    got = search.ensemble_generate(model, list("abc"), [1.0, 0.6, 0.4], ids, mask, level="param", max_new_tokens=12)
+    assert torch.equal(got, expected)
+    hidden = search.ensemble_generate(model, list("abc"), weights, ids, mask, level="hidden", max_new_tokens=12)
+    assert not torch.equal(hidden, expected)  # a different level: the test can tell them apart
+    # defaults: the hidden level (Eq. 2) and 64 new tokens
+    assert torch.equal(search.ensemble_generate(model, list("abc"), weights, ids, mask),
+                       search.ensemble_generate(model, list("abc"), weights, ids, mask, level="hidden", max_new_tokens=64))
+    with pytest.raises(InputError, match=r"^aggregation level 'token': expected one of hidden, logit, param$"):
+        search.ensemble_generate(model, list("abc"), weights, ids, mask, level="token")
+
+
+def test_ensemble_uses_the_models_start_eos_and_pad_ids(three_adapters):
+    """Decoding follows the model's config (a checkpoint may use other ids than T5's 0/1/0): a one-hot
+    ensemble equals the adapter's own t5.generate with a start id 5, an eos it actually emits and pad 2."""
+    model, tok = three_adapters, WordTokenizer()
+    ids, mask = tok.batch_encode(["i feel sad [SEP] ", "work is hard today [SEP] ", "nothing helps [SEP] "])
+    cfg = model.config
+    saved = (cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    try:
+        cfg.decoder_start_token_id = 5
+        lora.set_adapter(model, "b")
+        free = t5.generate(model, ids, mask, max_new_tokens=8)[0]
+        cfg.eos_token_id, cfg.pad_token_id = int(free[0, 2]), 2  # row 0 stops at its 3rd token
+        lora.set_adapter(model, "b")
+        expected = t5.generate(model, ids, mask, max_new_tokens=8)[0]
+        lora.set_adapter(model, None)
+        assert expected.shape[1] > 3 and (expected[0, 3:] == 2).all()  # padded with pad id 2 after eos
+        for level in search.LEVELS:
+            got = search.ensemble_generate(model, list("abc"), [0, 1, 0], ids, mask, level=level, max_new_tokens=8)
+            assert torch.equal(got, expected), level
+    finally:
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = saved
+        lora.set_adapter(model, None)
+
+
+def test_best_region_takes_the_sub_cube_with_the_highest_corner_sum():
+    """Alg. 1, line 15 on a hand case: only the upper-right sub-cube's corners score high."""
+    bounds = [(0.0, 1.0), (0.0, 1.0)]
+    results = {p: (1.0 if p[0] >= 0.5 and p[1] >= 0.5 else 0.0) for p in search.grid_points(bounds)}
+    assert search.best_region(bounds, results) == [(0.5, 1.0), (0.5, 1.0)]
+    results[(0.0, 0.0)] = 10.0  # the lower-left corner outweighs: its cube wins
+    assert search.best_region(bounds, results) == [(0.0, 0.5), (0.0, 0.5)]
+    # first maximum wins on ties (enumeration: axis 1 slowest, lower half first)
+    flat = {p: 0.0 for p in search.grid_points(bounds)}
+    assert search.best_region(bounds, flat) == [(0.0, 0.5), (0.0, 0.5)]
+
+
+def test_algorithm_1_defaults_inputs_and_records(monkeypatch):
+    """5 iterations by default (§4.2); d = 1 and one iteration are valid, 0 is not; a log record of the
+    wrong size is refused; each record holds its direction w/Σw, its iteration and its decode time
+    rounded to ms (Eq. 3 adds these times to the aggregated methods' consumption)."""
+    clock = iter(range(1000))
+    monkeypatch.setattr(search.time, "perf_counter", lambda: next(clock) * 1.23456)  # every call: +1.23456 s
+    result = search.hierarchical_grid_search(peak_objective, 3)
+    assert len(result["iterations"]) == 5 and search.max_evaluations(3, 5) == 102
+    assert search.max_evaluations(3, 2) == 27 + 19 - 1 and search.max_evaluations(2, 3) == 9 + 2 * 5 - 1
+    for record in result["evaluations"]:
+        assert record["direction"] == search.normalise(record["weights"])
+        assert record["seconds"] == 1.235
+    iterations = [r["iteration"] for r in result["evaluations"]]
+    assert iterations[0] == 1 and iterations == sorted(iterations) and iterations[-1] > 1
+    assert search.hierarchical_grid_search(lambda w: (w[0], [w[0]]), 1, iterations=1)["best_weights"] == [0.5]
+    for d, iterations in ((0, 5), (3, 0)):
+        with pytest.raises(InputError, match=rf"^grid search: need d >= 1 objectives and >= 1 iterations, "
+                                             rf"got d={d}, iterations={iterations}$"):
+            search.hierarchical_grid_search(peak_objective, d, iterations)
+    with pytest.raises(InputError, match=r"^search log record 0: expected 3 weights and a numeric mean"):
+        search.hierarchical_grid_search(peak_objective, 3, log=[{"weights": [1, 0], "mean": 0.5}])
+    with pytest.raises(InputError, match=r"^objective returned nan at weights \[0.0, 0.0, 0.5\]$"):
+        search.hierarchical_grid_search(lambda w: (math.nan, [math.nan]), 3)
+
+
+def test_run_search_prints_each_evaluation_and_the_summary(tmp_path, monkeypatch, capsys):
+    """What `search` prints: one line per evaluation ("eval n/total"), the Pareto report, then the best
+    weights, the mean, the count of distinct evaluations against the plain algorithm's I·3^d, the files."""
+    monkeypatch.chdir(tmp_path)
+    result = search.run_search(peak_objective, ["x", "y", "z"], "s.json", iterations=2, svg_path="s.svg")
+    lines = capsys.readouterr().out.splitlines()
+    n = len(result["evaluations"])
+    total = search.max_evaluations(3, 2)
+    assert [line.split(" | ")[0] for line in lines[:n]] == [f"eval {i}/{total}" for i in range(1, n + 1)]
+    best = ",".join(f"{w:.5g}" for w in result["best_weights"])
+    assert lines[-1] == (f"best weights ({best}) | mean {result['best_score']:.4f} | {n} distinct evaluations "
+                         f"(plain Algorithm 1: 54) | s.json | s.svg")
+    assert t5.read_json("s.json")["best_score"] == result["best_score"]
+    assert lines[-2 - len(result["pareto"]["front"])].startswith("Pareto front: ")
+
+
+def test_weight_errors_name_the_weights():
+    with pytest.raises(InputError, match=r"^weights: expected 3 weights \(one per adapter\), got 1$"):
+        search.check_weights([1.0], 3)
+    with pytest.raises(InputError, match=r"^weights '0.8,0.5': expected 3 weights"):
+        search.parse_weights("0.8,0.5", 3)
+
+
+def test_hidden_level_mixes_in_the_models_dtype(three_adapters):
+    """A bfloat16 policy (a common way to load T5): Σ w_i f_i stays bfloat16 for the bfloat16 LM head, and
+    a one-hot mixture still equals the adapter's own greedy decoding."""
+    import copy
+
+    model, tok = copy.deepcopy(three_adapters).to(torch.bfloat16), WordTokenizer()
+    ids, mask = tok.batch_encode(["i feel sad [SEP] ", "work is hard today [SEP] "])
+    lora.set_adapter(model, "c")
+    expected = t5.generate(model, ids, mask, max_new_tokens=6)[0]
+    lora.set_adapter(model, None)
+    for level in ("hidden", "logit"):
+        got = search.ensemble_generate(model, list("abc"), [0, 0, 2], ids, mask, level=level, max_new_tokens=6)
+        assert torch.equal(got, expected)
