@@ -33,6 +33,7 @@ import ast
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,9 @@ EQUIVALENT = [
      "0.0 is hypervolume's default reference"),
     ("search.ensemble_generate", 'if level != "hidden":',
      "swaps H(Σ w_i f_i) and Σ w_i H(f_i): equal for T5's linear bias-free head (README, Deviations)"),
-    ("search.ensemble_generate", 'if level == "*hidden*":',
+    ("search.ensemble_generate", 'if level == "XXhiddenXX":',
+     "every level but param takes Σ w_i H(f_i), equal to H(Σ w_i f_i) (linear bias-free head)"),
+    ("search.ensemble_generate", 'if level == "HIDDEN":',
      "every level but param takes Σ w_i H(f_i), equal to H(Σ w_i f_i) (linear bias-free head)"),
     ("search.ensemble_generate", "w = torch.tensor(*).view(k, 1, +1)",
      "view(k, 1, 1) and view(k, 1, -1) are the same shape for k weights"),
@@ -94,6 +97,15 @@ EQUIVALENT = [
      "rows decode independently: the batch size only groups the prompts"),
     ("search.run_search", "bar = tqdm(*", "progress bar display (total, label, unit)"),
     ("search.run_search", "bar.update(*", "progress bar display"),
+    ("lora.LoRALinear.__init__", 'self.mode = ""*',
+     "add_adapter sets every layer's mode (set_adapter) right after wrapping it"),
+    ("lora.save_adapter", "m = layers[1][1]", "every layer of one adapter has the same r, alpha and dropout"),
+    ("lora.save_adapter", 'targets = sorted({path.rsplit(".", *)[*] for path, _ in layers})',
+     "module paths contain a dot: every variant takes the last name"),
+    ("lora.mixed_adapters", "rows = torch.as_tensor(row_adapter, *)",
+     "row indices are integers (adapter_major_rows, int lists): as_tensor infers int64"),
+    ("lora._same_base", "abs(a - c) < 0.02 * max(b, d) + 1e-12 for*",
+     "< or <= at exactly the 2 % tolerance: a float tie no real base hits"),
 ]
 
 # Alive on purpose, not behaviour the README or the paper states (listed in the README with why):
@@ -196,25 +208,42 @@ def mutmut(work, *args):
     return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
 
 
-def diff_lines(work, name):
-    """(removed, added) source lines of one mutant, from `mutmut show`."""
-    out = mutmut(work, "show", name).stdout.splitlines()
-    removed = [l[1:].strip() for l in out if l.startswith("-") and not l.startswith("---")]
-    added = [l[1:].strip() for l in out if l.startswith("+") and not l.startswith("+++")]
-    return removed, added, "\n".join(out[1:])
+DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+print(json.dumps({n: get_diff_for_mutant(n, path=find_mutant(n).path) for n in sys.argv[1:]}))
+"""
+
+
+def diffs(work, names):
+    """{mutant: (removed lines, added lines, unified diff)}, read with mutmut's own diff (one process)."""
+    if not names:
+        return {}
+    proc = subprocess.run([sys.executable, "-c", DIFFS, *names], cwd=work, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"error: reading mutmut's diffs failed:\n{proc.stderr[-3000:]}")
+    out = {}
+    for name, diff in json.loads(proc.stdout.splitlines()[-1]).items():
+        lines = diff.splitlines()
+        removed = [l[1:].strip() for l in lines if l.startswith("-") and not l.startswith("---")]
+        added = [l[1:].strip() for l in lines if l.startswith("+") and not l.startswith("+++")]
+        out[name] = (removed, added, diff)
+    return out
 
 
 def function_of(name):
     """'search.x_grid_points__mutmut_3' -> 'search.grid_points'; methods -> 'module.Class.method'."""
     module, _, rest = name.partition(".")
     rest = rest.partition("__mutmut_")[0]
-    rest = rest[2:] if rest.startswith("x_") else rest[1:].replace("ǁ", ".")
+    rest = rest[2:].replace("ǁ", ".")  # "x_f" or "xǁClassǁmethod"
     return f"{module}.{rest}"
 
 
 def equivalent_reason(function, added):
+    """The EQUIVALENT entry whose line matches one of the mutant's added lines ("*" is the only wildcard)."""
     for fn, line, why in EQUIVALENT:
-        if fn == function and any(fnmatch.fnmatchcase(a, line) for a in added):
+        pattern = re.compile(".*".join(re.escape(part) for part in line.split("*")) + r"\Z")
+        if fn == function and any(pattern.match(a) for a in added):
             return why
     return None
 
@@ -234,12 +263,13 @@ def run_module(module, jobs, show_survivors, baseline=False):
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     mutants = []
+    alive = diffs(work, [name for name, code in codes.items() if STATUS.get(code) in ("survived", "no tests")])
     for name, code in sorted(codes.items(), key=lambda kv: (kv[0].partition("__mutmut_")[0],
                                                             int(kv[0].rpartition("_")[2]))):
         status = STATUS.get(code, "suspicious")
         entry = {"name": name, "function": function_of(name), "status": status}
         if status in ("survived", "no tests"):
-            removed, added, diff = diff_lines(work, name)
+            removed, added, diff = alive[name]
             entry.update(removed=removed, added=added)
             why = equivalent_reason(entry["function"], added)
             if why:

@@ -270,3 +270,150 @@ def test_hidden_level_mixes_in_the_models_dtype(three_adapters):
     for level in ("hidden", "logit"):
         got = search.ensemble_generate(model, list("abc"), [0, 0, 2], ids, mask, level=level, max_new_tokens=6)
         assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------- lora.py
+from safetensors import safe_open  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class TwoLayers(nn.Module):
+    """Two Linear layers named like T5's (q, wo), 16 -> 24 -> 16."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q, self.wo = nn.Linear(16, 24, bias=False), nn.Linear(24, 16, bias=False)
+
+    def forward(self, x):
+        return self.wo(torch.relu(self.q(x)))
+
+
+def two_layers_with_adapters(seed=0):
+    model = TwoLayers(seed).eval()
+    lora.add_adapter(model, "a", r=4, alpha=8, dropout=0.1)
+    lora.add_adapter(model, "b", r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in "ab":
+            for p in lora.adapter_parameters(model, name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_lora_A_starts_as_peft_kaiming_uniform():
+    """A ~ kaiming_uniform(a=√5) (PEFT's default): uniform on ±1/√fan_in; B = 0, so the adapter starts as the base."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 8, bias=False))
+    lora.add_adapter(model, "x", r=16, targets=("0",))
+    A = model[0].lora_A["x"]
+    bound = 1 / math.sqrt(256)
+    assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound  # 4,096 draws reach the edge
+    assert not model[0].lora_B["x"].any()
+
+
+def test_merge_unmerge_merge_again_restores_the_adapters():
+    """Eq. (4) merge, then unmerge: the base weights and the adapters' own (unmerged) forward come back,
+    and a second merge / unmerge cycle works the same."""
+    model, x = two_layers_with_adapters(), torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.set_adapter(model, "a")
+    adapted = model(x)
+    for _ in range(2):
+        lora.merge(model, {"a": 0.5, "b": 0.5})
+        merged = model(x)
+        lora.unmerge(model)
+        assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model(x), adapted)  # adapter "a" active again, not bypassed
+    with lora.weighted_adapters(model, {"a": 0.5, "b": 0.5}):
+        torch.testing.assert_close(model(x), merged, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_adapters_checks_its_row_index():
+    model = two_layers_with_adapters()
+    x = torch.randn(3, 16)
+    with lora.mixed_adapters(model, ["a", "b"], [1, 1, 1]):  # every row the last adapter: valid
+        got = model(x)
+    lora.set_adapter(model, "b")
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)  # bmm vs matmul round-off only
+    for rows in ([0, 2, 1], [[0, 1, 1]], [-1, 0, 0]):
+        with pytest.raises(InputError, match=r"^mixed_adapters: row_adapter must be a 1-D index into 2 adapters$"):
+            lora.mixed_adapters(model, ["a", "b"], rows)
+
+
+def test_saved_adapter_is_a_peft_lora_config(tmp_path):
+    """README: adapters are written in PEFT's layout; the config is PEFT's LoraConfig for plain LoRA and the
+    safetensors metadata says format "pt" (what HF's loaders check)."""
+    model = two_layers_with_adapters()
+    lora.save_adapter(model, "a", tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text()) == dict(
+        peft_type="LORA", task_type="SEQ_2_SEQ_LM", base_model_name_or_path="", r=4, lora_alpha=8,
+        lora_dropout=0.1, target_modules=["q", "wo"], bias="none", fan_in_fan_out=False, inference_mode=True,
+        init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={},
+        alpha_pattern={})
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt"
+    fingerprint = json.loads(metadata[lora.FINGERPRINT_KEY])
+    assert len(fingerprint["shapes"]) == 16 and int(fingerprint["shapes"], 16) >= 0
+    # the dropout comes back from the file; a config without one means no dropout
+    fresh = TwoLayers().eval()
+    lora.load_adapter(fresh, tmp_path / "a", "a")
+    assert {m.dropout_p["a"] for _, m in lora._layers(fresh)} == {0.1}
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["lora_dropout"] = None
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    lora.load_adapter(fresh, tmp_path / "a", "a")
+    assert {m.dropout_p["a"] for _, m in lora._layers(fresh)} == {0.0}
+
+
+def test_load_adapter_config_checks(tmp_path):
+    """A rank of 1 is valid; a bad rank, alpha or target list is a one-line error naming the file."""
+    model = two_layers_with_adapters()
+    directory = tmp_path / "a"
+
+    def load(**changes):
+        lora.save_adapter(model, "a", directory)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        config.update(changes)
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        return lora.load_adapter(TwoLayers().eval(), directory, "x")
+
+    lora.add_adapter(model, "one", r=1)
+    lora.save_adapter(model, "one", directory)
+    assert lora.load_adapter(TwoLayers().eval(), directory, "x") == "x"
+    config_path = str(directory / "adapter_config.json")
+    for changes in (dict(r=0), dict(r=2.5), dict(r="4"), dict(lora_alpha="8"), dict(target_modules=[]),
+                    dict(target_modules=None)):
+        with pytest.raises(InputError, match=rf"^{config_path}: need integer r >= 1, numeric lora_alpha and target_modules"):
+            load(**changes)
+    with pytest.raises(InputError, match=rf"^{config_path}: not a LoRA adapter config \(peft_type must be LORA\)$"):
+        load(peft_type="PREFIX_TUNING")
+    (directory / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="not a LoRA adapter config"):
+        lora.load_adapter(TwoLayers().eval(), directory, "x")
+
+
+def test_adapter_fingerprint_is_of_the_base_model(tmp_path):
+    """The fingerprint describes the base weights (also while adapters are merged into them), refuses an
+    adapter saved for another base even when its weights are small, and an unreadable one is refused."""
+    model = two_layers_with_adapters()
+    before = lora.base_fingerprint(model)
+    lora.merge(model, {"a": 1.0})
+    assert lora.base_fingerprint(model) == before
+    lora.unmerge(model)
+    other = lora.base_fingerprint(nn.Sequential(nn.Linear(16, 24, bias=False), nn.Linear(24, 8, bias=False)))
+    assert other["shapes"] != before["shapes"]
+    small = TwoLayers()
+    with torch.no_grad():
+        small.q.weight.fill_(0.01)
+    lora.add_adapter(small, "a")
+    lora.save_adapter(small, "a", tmp_path / "a")
+    with torch.no_grad():
+        small.q.weight.fill_(0.02)  # another base: twice the weights, still tiny sums
+    with pytest.raises(InputError, match="another base model"):
+        lora.load_adapter(small, tmp_path / "a", "a")
+    tensors = t5.load_safetensors(str(tmp_path / "a" / "adapter_model.safetensors"))
+    t5.save_safetensors(tensors, str(tmp_path / "a" / "adapter_model.safetensors"), {lora.FINGERPRINT_KEY: "{not json"})
+    with pytest.raises(InputError, match="another base model"):
+        lora.load_adapter(TwoLayers(), tmp_path / "a", "a")
