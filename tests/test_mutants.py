@@ -417,3 +417,51 @@ def test_adapter_fingerprint_is_of_the_base_model(tmp_path):
     t5.save_safetensors(tensors, str(tmp_path / "a" / "adapter_model.safetensors"), {lora.FINGERPRINT_KEY: "{not json"})
     with pytest.raises(InputError, match="another base model"):
         lora.load_adapter(TwoLayers(), tmp_path / "a", "a")
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+import evaluate  # noqa: E402
+
+
+def test_find_runs_keeps_finished_runs_of_known_methods(tmp_path):
+    for folder, finished in (("reflection-0", True), ("uniform-1", True), ("fluency-2", False),
+                             ("other-0", True), ("empathy-x", True), ("dynaopt-1", True)):
+        (tmp_path / folder).mkdir()
+        if finished:
+            (tmp_path / folder / "summary.json").write_text("{}")
+    assert evaluate.find_runs(str(tmp_path)) == {0: {"reflection": str(tmp_path / "reflection-0")},
+                                                 1: {"uniform": str(tmp_path / "uniform-1"),
+                                                     "dynaopt": str(tmp_path / "dynaopt-1")}}
+
+
+def test_metrics_are_table_1_and_2_on_hand_values():
+    """Table 2: mean score per objective and their average; Table 1: diversity-2 and mean edit rate."""
+    prompts, responses = ["I am sad", "work is hard [SEP] "], ["I am sad", "you feel work is hard"]
+    scorers = {"reflection": lambda p, r: torch.tensor([0.2, 0.4]), "empathy": lambda p, r: torch.tensor([1.0, 0.5]),
+               "fluency": lambda p, r: torch.tensor([0.3, 0.3]), "unused": None}
+    row = evaluate.metrics(scorers, prompts, responses)
+    assert row == pytest.approx({"reflection": 0.3, "empathy": 0.75, "fluency": 0.3, "average": 0.45,
+                                 "diversity-2": (2 / 3 + 4 / 5) / 2, "edit rate": (0 + 2 / 5) / 2})
+
+
+def test_mean_std_and_tables():
+    """Rows are mean ± population std over seeds; data points and seconds without decimals; CSV beside it."""
+    assert evaluate.mean_std([]) == "—"
+    assert evaluate.mean_std([0.5]) == "0.5000 ± 0.0000"
+    assert evaluate.mean_std([1.0, 2.0, 4.0], 2) == "2.33 ± 1.25"
+    base = dict(reflection=0.5, empathy=0.25, fluency=0.75, average=0.5)
+    base.update({"diversity-2": 0.8, "edit rate": 0.9})
+    run = lambda r, s: {**base, "reflection": r, "data points": 3200, "seconds": s}  # noqa: E731
+    markdown, csv_text = evaluate.tables({"base": [base], "hidden": [run(0.75, 100.0), run(0.25, 200.0)]})
+    assert markdown.splitlines() == [
+        "| method | reflection | empathy | fluency | average | diversity-2 | edit rate | data points | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| base | 0.5000 ± 0.0000 | 0.2500 ± 0.0000 | 0.7500 ± 0.0000 | 0.5000 ± 0.0000 | 0.8000 ± 0.0000 "
+        "| 0.9000 ± 0.0000 | — | — |",
+        "| hidden | 0.5000 ± 0.2500 | 0.2500 ± 0.0000 | 0.7500 ± 0.0000 | 0.5000 ± 0.0000 | 0.8000 ± 0.0000 "
+        "| 0.9000 ± 0.0000 | 3200 ± 0 | 150 ± 50 |"]
+    lines = csv_text.splitlines()
+    assert lines[0].startswith("method,seeds,reflection mean,reflection std,empathy mean") and \
+        lines[0].endswith("seconds mean,seconds std")
+    assert lines[1] == "base,1,0.5,0.0,0.25,0.0,0.75,0.0,0.5,0.0,0.8,0.0,0.9,0.0,,,,"
+    assert lines[2] == "hidden,2,0.5,0.25,0.25,0.0,0.75,0.0,0.5,0.0,0.8,0.0,0.9,0.0,3200.0,0.0,150.0,50.0"
