@@ -465,3 +465,87 @@ def test_mean_std_and_tables():
         lines[0].endswith("seconds mean,seconds std")
     assert lines[1] == "base,1,0.5,0.0,0.25,0.0,0.75,0.0,0.5,0.0,0.8,0.0,0.9,0.0,,,,"
     assert lines[2] == "hidden,2,0.5,0.25,0.25,0.0,0.75,0.0,0.5,0.0,0.8,0.0,0.9,0.0,3200.0,0.0,150.0,50.0"
+
+
+# ----------------------------------------------------------------------------- t5.py generation
+def test_decode_loop_defaults_and_greedy_logprobs():
+    """Defaults: ≤ 64 new tokens, start token 0, pad 0 after a row's eos (1), full distribution when
+    sampling (top_k 0). Greedy log-probs are those of the logits themselves, whatever the temperature."""
+    seen = []
+    logits = torch.tensor([[0.0, -9.0, 2.0, 1.0], [0.0, -9.0, 1.0, 2.0]])
+
+    def next_logits(last):
+        seen.append(last.tolist())
+        out = logits.clone()
+        if len(seen) == 3:
+            out[0, 1] = 9.0  # row 0 ends at its 3rd token
+        return out
+
+    tokens, logprobs = t5.decode_loop(next_logits, 2, temperature=2.0)
+    assert tokens.shape == (2, 64) and seen[0] == [0, 0]
+    assert tokens[0, :3].tolist() == [2, 2, 1] and (tokens[0, 3:] == 0).all() and (tokens[1] == 3).all()
+    assert torch.allclose(logprobs[1], torch.log_softmax(logits[1], -1)[3].expand(64))
+    flat = torch.linspace(0.0, 0.1, 6)[None].expand(1, 6)  # a nearly flat distribution: top_k 0 keeps all six
+    drawn, _ = t5.decode_loop(lambda last: flat, 1, max_new_tokens=60, eos_id=-1, do_sample=True,
+                              generator=torch.Generator().manual_seed(0))
+    assert len(set(drawn[0].tolist())) >= 4
+
+
+def test_generate_passes_its_sampling_options_and_ids_to_the_loop():
+    """t5.generate = decode_loop over the cached decoder with the config's start / eos / pad ids and the
+    caller's do_sample, temperature and top_k. Oracle: decode_loop over a full recompute (no cache)."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                      decoder_start_token_id=4, eos_token_id=7, pad_token_id=2)
+    model = t5.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 32, (3, 6))
+    mask = torch.ones_like(ids)
+
+    def oracle(**options):
+        prefix = []
+
+        def next_logits(last):
+            prefix.append(last)
+            with torch.no_grad():
+                return model(ids, mask, torch.stack(prefix, 1))[:, -1]
+        return t5.decode_loop(next_logits, 3, start_id=4, eos_id=7, pad_id=2, **options)
+
+    for options in (dict(), dict(max_new_tokens=12, do_sample=True, temperature=0.5, top_k=3),
+                    dict(max_new_tokens=12, do_sample=True), dict(max_new_tokens=12, do_sample=True, top_k=1)):
+        sampling = {"generator": torch.Generator().manual_seed(1)} if options.get("do_sample") else {}
+        got = t5.generate(model, ids, mask, **options, **sampling)
+        sampling = {"generator": torch.Generator().manual_seed(1)} if options.get("do_sample") else {}
+        expected = oracle(**options, **sampling)
+        assert torch.equal(got[0], expected[0]), options
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- scst.py
+import scst  # noqa: E402
+
+
+def test_training_rewards_combination_and_scoring():
+    """The baselines train on all three objectives; their reward combination keeps the scores' dtype and
+    device; `score` hands each scorer the prompts and names it when a reward is NaN."""
+    assert scst.trained_objectives("uniform") == scst.trained_objectives("dynaopt") == list(rewards.OBJECTIVES)
+    assert scst.trained_objectives("empathy") == ["empathy"]
+    scores = torch.tensor([[0.3, 0.6, 0.9]], dtype=torch.float64)
+    assert abs(scst.combine_rewards(scores, [1 / 3] * 3, "mean").item() - 0.6) < 1e-15
+    assert scst.combine_rewards(torch.empty(2, 3, device="meta"), [1 / 3] * 3, "logsum").device.type == "meta"
+    seen = []
+    scorers = {"reflection": lambda p, r: (seen.append(p), torch.tensor([0.5]))[1],
+               "empathy": lambda p, r: torch.tensor([float("nan")])}
+    assert scst.score(scorers, ["reflection"], ["i feel sad"], ["you are sad"]).tolist() == [[0.5]]
+    assert seen == [["i feel sad"]]
+    with pytest.raises(InputError, match=r"^NaN reward from empathy scorer \(row 0\)"):
+        scst.score(scorers, ["empathy"], ["i feel sad"], ["you are sad"])
+
+
+def test_exp3_default_gamma_and_repeated_updates():
+    """DynaOpt's Exp3 with γ = 0.07 by default; a second reward for the same arm multiplies its weight again."""
+    bandit = scst.Exp3(3)
+    bandit.update(0, 0.3)  # p0 = 1/3: w0 = exp(0.07 · 0.9 / 3)
+    p0 = bandit.probabilities()[0]
+    assert p0 == pytest.approx(0.93 * math.exp(0.021) / (math.exp(0.021) + 2) + 0.07 / 3)
+    bandit.update(0, 0.3)
+    assert bandit.weights[0] == pytest.approx(math.exp(0.021) * math.exp(0.07 * 0.3 / p0 / 3))
