@@ -437,11 +437,14 @@ def test_find_runs_keeps_finished_runs_of_known_methods(tmp_path):
 def test_metrics_are_table_1_and_2_on_hand_values():
     """Table 2: mean score per objective and their average; Table 1: diversity-2 and mean edit rate."""
     prompts, responses = ["I am sad", "work is hard [SEP] "], ["I am sad", "you feel work is hard"]
-    scorers = {"reflection": lambda p, r: torch.tensor([0.2, 0.4]), "empathy": lambda p, r: torch.tensor([1.0, 0.5]),
+    seen = []
+    scorers = {"reflection": lambda p, r: (seen.append((list(p), list(r))), torch.tensor([0.2, 0.4]))[1],
+               "empathy": lambda p, r: torch.tensor([1.0, 0.5]),
                "fluency": lambda p, r: torch.tensor([0.3, 0.3]), "unused": None}
     row = evaluate.metrics(scorers, prompts, responses)
     assert row == pytest.approx({"reflection": 0.3, "empathy": 0.75, "fluency": 0.3, "average": 0.45,
                                  "diversity-2": (2 / 3 + 4 / 5) / 2, "edit rate": (0 + 2 / 5) / 2})
+    assert seen == [(prompts, responses)]  # each scorer sees the prompts and their own responses
 
 
 def test_mean_std_and_tables():
