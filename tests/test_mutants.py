@@ -552,3 +552,29 @@ def test_exp3_default_gamma_and_repeated_updates():
     assert p0 == pytest.approx(0.93 * math.exp(0.021) / (math.exp(0.021) + 2) + 0.07 / 3)
     bandit.update(0, 0.3)
     assert bandit.weights[0] == pytest.approx(math.exp(0.021) * math.exp(0.07 * 0.3 / p0 / 3))
+
+
+def test_lora_dropout_is_on_in_training_and_unbiased():
+    """README: the LoRA dropout stays on during RL. In training mode each pass draws a new mask on the
+    adapter's input (inverted dropout: the mean over many rows is the eval-mode output), in eval mode none;
+    the same holds for the mixed-adapter batch."""
+    model = TwoLayers().eval()
+    lora.add_adapter(model, "d", r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        for p in lora.adapter_parameters(model, "d"):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.3)
+    layer = model.q
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(6)).expand(20000, 16)
+    expected = layer(x[:1])
+    torch.manual_seed(0)
+    layer.train()
+    for mode in ({"d": 1.0}, (["d"], torch.zeros(20000, dtype=torch.long))):
+        layer.mode = mode
+        first, second = layer(x), layer(x)
+        assert not torch.equal(first, second)  # a fresh mask each pass
+        assert not torch.allclose(first[0], expected[0])
+        delta = expected[0] - x[0] @ layer.weight.T  # the adapter's own term
+        assert (first.mean(0) - expected[0]).abs().max() < 0.1 * delta.abs().max()  # unbiased
+    layer.eval()
+    layer.mode = {"d": 1.0}
+    assert torch.equal(layer(x[:1]), expected)
