@@ -21,8 +21,8 @@ per-text distinct-2 (whitespace words) averaged over the set.
 
 Deviations from the paper / public code:
 - Fluency is batched (right padding, per-row mean NLL over its real tokens); the public code runs
-  one pair at a time. Same numbers. The score is clipped to [0, 1] (SPEC §3); the public code
-  leaves (50 - ppl) / 50 unclipped, so it can go negative.
+  one pair at a time. Same numbers. The score is clipped to [0, 1] (SPEC §3); the public code's
+  logsum_score clips every score, fluency included, to [1e-4, 0.9999] before use, as scst.py does.
 - A NaN/inf score is an InputError naming the scorer (the public code would train on it).
 - Edit rate tokenises with a regex (words and punctuation marks are tokens) instead of
   nltk.word_tokenize (not a dependency); contractions ("don't") stay one token here.
