@@ -61,11 +61,14 @@ def columns(objectives=rewards.OBJECTIVES) -> list[str]:
 
 def find_runs(runs_dir: str) -> dict[int | str, dict[str, str]]:
     """{seed: {method: run folder}} for every finished run (summary.json present) under runs_dir, any
-    folder named <method>-<seed>; the seed is an int, or a label (e.g. runs/reflection-authors)."""
+    folder named <method>-<seed>; the seed is an int, or a label (e.g. runs/reflection-authors). --seed
+    is >= 0, so a negative number (reflection--1) is kept as the label "-1", not read as seed 1 of "reflection-"."""
     found: dict[int | str, dict[str, str]] = {}
     for summary in glob.glob(os.path.join(runs_dir, "*-*", "summary.json")):
         folder = os.path.dirname(summary)
         method, _, seed = os.path.basename(folder).rpartition("-")
+        if method.endswith("-"):  # <method>--1
+            method, seed = method[:-1], "-" + seed
         if method and seed and method != "base" and method not in LEVELS:
             found.setdefault(int(seed) if seed.isdigit() else seed, {})[method] = folder
     return found

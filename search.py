@@ -165,8 +165,8 @@ def best_region(bounds, results: dict) -> list[tuple]:
 
 
 def max_evaluations(d, iterations, ray_invariant=True) -> int:
-    """Upper bound of the distinct evaluations. By exact point: the distinct grid points of I iterations
-    minus w = 0, 3^d + (I-1)(3^d - 2^d) - 1 (102 for d=3, I=5). By ray: iteration 1 has 3^d - 2^d
+    """Upper bound of the distinct evaluations. By exact point (w = 0 decoded too): the distinct grid points
+    of I iterations, 3^d + (I-1)(3^d - 2^d) (103 for d=3, I=5). By ray: iteration 1 has 3^d - 2^d
     rays, each refinement at most 3^d - 2^d new points, so I (3^d - 2^d) (95)."""
     if ray_invariant:
         return iterations * (3 ** d - 2 ** d)

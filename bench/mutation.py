@@ -86,12 +86,6 @@ EQUIVALENT = [
      "a slab of height p[-1] - below = 0 adds zero volume"),
     ("report.pareto_report", '"hypervolume": hypervolume([r["scores"] for r in chosen], ),',
      "0.0 is hypervolume's default reference"),
-    ("search.ensemble_generate", 'if level != "hidden":',
-     "swaps H(Σ w_i f_i) and Σ w_i H(f_i): equal for T5's linear bias-free head (README, Deviations)"),
-    ("search.ensemble_generate", 'if level == "XXhiddenXX":',
-     "every level but param takes Σ w_i H(f_i), equal to H(Σ w_i f_i) (linear bias-free head)"),
-    ("search.ensemble_generate", 'if level == "HIDDEN":',
-     "every level but param takes Σ w_i H(f_i), equal to H(Σ w_i f_i) (linear bias-free head)"),
     ("search.ensemble_generate", "w = torch.tensor(*).view(k, 1, +1)",
      "view(k, 1, 1) and view(k, 1, -1) are the same shape for k weights"),
     ("search.best_region", "for halves in itertools.product((0, 2), repeat=len(bounds)):*",
@@ -139,13 +133,6 @@ EQUIVALENT = [
     ("t5.top_k_filter", "kth = scores.topk(top_k, ).values[..., -1:]", "topk's default dim is -1"),
     ("t5.top_k_filter", "kth = scores.topk(top_k, dim=+1).values[..., -1:]", "scores are [B, V]: dim 1 is dim -1"),
     ("t5.top_k_filter", 'return scores.masked_fill(scores < kth, float("-INF"))', 'float("-INF") is float("-inf")'),
-    ("t5.KVCache.__init__", 'self.cross_bias = ""', "decode sets cross_bias whenever it makes a new cache"),
-    ("t5.T5ForConditionalGeneration.decode", "if new >= 1:*",
-     "a single new token is the last position: the causal mask hides nothing from it"),
-    ("evaluate.find_runs", 'if method in TRAINED and seed.*strip(*).isdigit():',
-     "after rpartition('-') the seed never starts with '-', so the strip changes nothing"),
-    ("evaluate.mean_std", "std = statistics.pstdev(values) if *",
-     "the population std of one value is 0.0, the else branch's value"),
 ]
 
 # Alive on purpose, not behaviour the README or the paper states (listed in the README with why):

@@ -150,20 +150,27 @@ def test_run_search_defaults_write_search_json_with_5_iterations(tmp_path, monke
     (tmp_path / "fresh.json").write_text(json.dumps({"objectives": names, "num_iterations": 2, "meta": None}))
     fresh = search.run_search(peak_objective, names, "fresh.json", iterations=2)
     assert len(fresh["evaluations"]) == len(search.hierarchical_grid_search(peak_objective, 3, 2)["evaluations"])
-    with pytest.raises(InputError, match="written by a different search .*; delete it or choose another output path$"):
+    with pytest.raises(InputError, match=r"^fresh.json: written by a different search: num_iterations \(the file has 2, "
+                                         r"this search 3\); delete it or choose another output path$"):
         search.run_search(peak_objective, names, "fresh.json", iterations=3)
 
 
 def test_param_level_is_the_weighted_sum_of_the_adapters_deltas(three_adapters):
-    """Appendix 11.1 / Eq. (4): the parameter level decodes θ0 + Σ w_i ΔW_i (w normalised). Oracle: the
-    unmerged weighted forward W x + Σ w_i ΔW_i x (lora.weighted_adapters), greedy through t5.generate."""
+    """Appendix 11.1 / Eq. (4): the parameter level decodes θ0 + Σ w_i ΔW_i with the RAW weights (as the public
+    code merges, el_aggregation.py:273; README Fidelity). Oracle: the unmerged weighted forward
+    W x + Σ w_i ΔW_i x (lora.weighted_adapters), greedy through t5.generate."""
     model, tok = three_adapters, WordTokenizer()
     ids, mask = tok.batch_encode(["i feel sad [SEP] ", "work is hard today [SEP] "])
-    weights = [0.5, 0.3, 0.2]
-    with lora.weighted_adapters(model, dict(zip("abc", weights))):
-        expected = t5.generate(model, ids, mask, max_new_tokens=12)[0]
-    got = search.ensemble_generate(model, list("abc"), [1.0, 0.6, 0.4], ids, mask, level="param", max_new_tokens=12)
-    assert torch.equal(got, expected)
+    weights, raw = [0.5, 0.3, 0.2], [1.0, 0.6, 0.4]  # one ray, twice the deltas
+    decoded = {}
+    for w in (weights, raw):
+        with lora.weighted_adapters(model, dict(zip("abc", w))):
+            expected = t5.generate(model, ids, mask, max_new_tokens=12)[0]
+        got = search.ensemble_generate(model, list("abc"), w, ids, mask, level="param", max_new_tokens=12)
+        assert torch.equal(got, expected)
+        decoded[tuple(w)] = got
+    assert not torch.equal(decoded[tuple(weights)], decoded[tuple(raw)])  # raw, not w/Σw: the scale matters
+    expected = decoded[tuple(weights)]
     hidden = search.ensemble_generate(model, list("abc"), weights, ids, mask, level="hidden", max_new_tokens=12)
     assert not torch.equal(hidden, expected)  # a different level: the test can tell them apart
     # defaults: the hidden level (Eq. 2) and 64 new tokens
@@ -216,8 +223,11 @@ def test_algorithm_1_defaults_inputs_and_records(monkeypatch):
     clock = iter(range(1000))
     monkeypatch.setattr(search.time, "perf_counter", lambda: next(clock) * 1.23456)  # every call: +1.23456 s
     result = search.hierarchical_grid_search(peak_objective, 3)
-    assert len(result["iterations"]) == 5 and search.max_evaluations(3, 5) == 102
-    assert search.max_evaluations(3, 2) == 27 + 19 - 1 and search.max_evaluations(2, 3) == 9 + 2 * 5 - 1
+    assert len(result["iterations"]) == 5 and len(result["evaluations"]) <= search.max_evaluations(3, 5)
+    # by ray (hidden, logit): I (3^d - 2^d); by exact point (param, w = 0 decoded): 3^d + (I - 1)(3^d - 2^d)
+    assert search.max_evaluations(3, 5) == 5 * 19 and search.max_evaluations(3, 5, ray_invariant=False) == 27 + 4 * 19
+    assert search.max_evaluations(3, 2) == 2 * 19 and search.max_evaluations(3, 2, False) == 27 + 19
+    assert search.max_evaluations(2, 3) == 3 * 5 and search.max_evaluations(2, 3, False) == 9 + 2 * 5
     for record in result["evaluations"]:
         assert record["direction"] == search.normalise(record["weights"])
         assert record["seconds"] == 1.235
@@ -228,8 +238,9 @@ def test_algorithm_1_defaults_inputs_and_records(monkeypatch):
         with pytest.raises(InputError, match=rf"^grid search: need d >= 1 objectives and >= 1 iterations, "
                                              rf"got d={d}, iterations={iterations}$"):
             search.hierarchical_grid_search(peak_objective, d, iterations)
-    with pytest.raises(InputError, match=r"^search log record 0: expected 3 weights and a numeric mean"):
-        search.hierarchical_grid_search(peak_objective, 3, log=[{"weights": [1, 0], "mean": 0.5}])
+    for record in ({"weights": [1, 0], "mean": 0.5}, {"weights": [1, -1, 0], "mean": 0.5}):
+        with pytest.raises(InputError, match=r"^search log record 0: expected 3 weights >= 0 and a numeric mean, got "):
+            search.hierarchical_grid_search(peak_objective, 3, log=[record])
     with pytest.raises(InputError, match=r"^objective returned nan at weights \[0.0, 0.0, 0.5\]$"):
         search.hierarchical_grid_search(lambda w: (math.nan, [math.nan]), 3)
 
@@ -245,7 +256,7 @@ def test_run_search_prints_each_evaluation_and_the_summary(tmp_path, monkeypatch
     assert [line.split(" | ")[0] for line in lines[:n]] == [f"eval {i}/{total}" for i in range(1, n + 1)]
     best = ",".join(f"{w:.5g}" for w in result["best_weights"])
     assert lines[-1] == (f"best weights ({best}) | mean {result['best_score']:.4f} | {n} distinct evaluations "
-                         f"(plain Algorithm 1: 54) | s.json | s.svg")
+                         f"(plain Algorithm 1: 54; memo per ray) | s.json | s.svg")
     assert t5.read_json("s.json")["best_score"] == result["best_score"]
     assert lines[-2 - len(result["pareto"]["front"])].startswith("Pareto front: ")
 
@@ -424,14 +435,20 @@ import evaluate  # noqa: E402
 
 
 def test_find_runs_keeps_finished_runs_of_known_methods(tmp_path):
+    """Every finished (summary.json) <method>-<seed> folder, any method but base and the aggregation levels;
+    an integer seed, else the text after the last dash is a label; a negative number stays a label."""
     for folder, finished in (("reflection-0", True), ("uniform-1", True), ("fluency-2", False),
-                             ("other-0", True), ("empathy-x", True), ("dynaopt-1", True)):
+                             ("other-0", True), ("empathy-x", True), ("dynaopt-1", True), ("base-0", True),
+                             ("hidden-1", True), ("param-x", True), ("noseed", True), ("reflection--1", True)):
         (tmp_path / folder).mkdir()
         if finished:
             (tmp_path / folder / "summary.json").write_text("{}")
-    assert evaluate.find_runs(str(tmp_path)) == {0: {"reflection": str(tmp_path / "reflection-0")},
+    assert evaluate.find_runs(str(tmp_path)) == {0: {"reflection": str(tmp_path / "reflection-0"),
+                                                     "other": str(tmp_path / "other-0")},
                                                  1: {"uniform": str(tmp_path / "uniform-1"),
-                                                     "dynaopt": str(tmp_path / "dynaopt-1")}}
+                                                     "dynaopt": str(tmp_path / "dynaopt-1")},
+                                                 "x": {"empathy": str(tmp_path / "empathy-x")},
+                                                 "-1": {"reflection": str(tmp_path / "reflection--1")}}
 
 
 def test_metrics_are_table_1_and_2_on_hand_values():
@@ -448,26 +465,36 @@ def test_metrics_are_table_1_and_2_on_hand_values():
 
 
 def test_mean_std_and_tables():
-    """Rows are mean ± population std over seeds; data points and seconds without decimals; CSV beside it."""
+    """Rows are mean ± population std over training seeds × generation runs, "±" only for more than one
+    value; data points and seconds as integers; the decoding and the run counts per method; CSV beside it."""
     assert evaluate.mean_std([]) == "—"
-    assert evaluate.mean_std([0.5]) == "0.5000 ± 0.0000"
-    assert evaluate.mean_std([1.0, 2.0, 4.0], 2) == "2.33 ± 1.25"
+    assert evaluate.mean_std([0.5]) == "0.5000"
+    assert evaluate.mean_std([1.0, 2.0, 4.0]) == "2.3333 ± 1.2472"  # pstdev: sqrt(42/27)
+    assert evaluate.mean_std([1.0, 2.0, 4.0], True) == "2 ± 1" and evaluate.mean_std([3200.0], True) == "3,200"
     base = dict(reflection=0.5, empathy=0.25, fluency=0.75, average=0.5)
     base.update({"diversity-2": 0.8, "edit rate": 0.9})
-    run = lambda r, s: {**base, "reflection": r, "data points": 3200, "seconds": s}  # noqa: E731
-    markdown, csv_text = evaluate.tables({"base": [base], "hidden": [run(0.75, 100.0), run(0.25, 200.0)]})
+    sampled = [{**base, "reflection": r, "seed": None, "run": i, "decoding": "top-50 sample"}
+               for i, r in enumerate((0.5, 0.25, 0.75))]
+    run = lambda r, seed, s: {**base, "reflection": r, "data points": 3200, "seconds": s,  # noqa: E731
+                              "seed": seed, "run": 0, "decoding": "greedy"}
+    markdown, csv_text = evaluate.tables({"base": sampled, "hidden": [run(0.75, 0, 100.0), run(0.25, 1, 200.0)],
+                                          "reflection": [run(0.5, 0, 99.6)]})
     assert markdown.splitlines() == [
-        "| method | reflection | empathy | fluency | average | diversity-2 | edit rate | data points | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-        "| base | 0.5000 ± 0.0000 | 0.2500 ± 0.0000 | 0.7500 ± 0.0000 | 0.5000 ± 0.0000 | 0.8000 ± 0.0000 "
-        "| 0.9000 ± 0.0000 | — | — |",
-        "| hidden | 0.5000 ± 0.2500 | 0.2500 ± 0.0000 | 0.7500 ± 0.0000 | 0.5000 ± 0.0000 | 0.8000 ± 0.0000 "
-        "| 0.9000 ± 0.0000 | 3200 ± 0 | 150 ± 50 |"]
+        "| method | decoding | reflection | empathy | fluency | average | diversity-2 | edit rate | data points | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| base | top-50 sample, 3 runs | 0.5000 ± 0.2041 | 0.2500 ± 0.0000 | 0.7500 ± 0.0000 | 0.5000 ± 0.0000 "
+        "| 0.8000 ± 0.0000 | 0.9000 ± 0.0000 | — | — |",
+        "| hidden | greedy | 0.5000 ± 0.2500 | 0.2500 ± 0.0000 | 0.7500 ± 0.0000 | 0.5000 ± 0.0000 | 0.8000 ± 0.0000 "
+        "| 0.9000 ± 0.0000 | 3,200 ± 0 | 150 ± 50 |",
+        "| reflection | greedy | 0.5000 | 0.2500 | 0.7500 | 0.5000 | 0.8000 | 0.9000 | 3,200 | 100 |"]
     lines = csv_text.splitlines()
-    assert lines[0].startswith("method,seeds,reflection mean,reflection std,empathy mean") and \
-        lines[0].endswith("seconds mean,seconds std")
-    assert lines[1] == "base,1,0.5,0.0,0.25,0.0,0.75,0.0,0.5,0.0,0.8,0.0,0.9,0.0,,,,"
-    assert lines[2] == "hidden,2,0.5,0.25,0.25,0.0,0.75,0.0,0.5,0.0,0.8,0.0,0.9,0.0,3200.0,0.0,150.0,50.0"
+    assert lines[0].startswith("method,decoding,training seeds,generation runs,reflection mean,reflection std,"
+                               "empathy mean") and lines[0].endswith("seconds mean,seconds std")
+    base_line = lines[1].split(",")
+    assert base_line[:5] == ["base", "top-50 sample", "1", "3", "0.5"] and base_line[-4:] == ["", "", "", ""]
+    assert float(base_line[5]) == pytest.approx(math.sqrt(0.125 / 3))  # pstdev(0.5, 0.25, 0.75)
+    assert lines[2] == "hidden,greedy,2,1,0.5,0.25,0.25,0.0,0.75,0.0,0.5,0.0,0.8,0.0,0.9,0.0,3200,0,150,50"
+    assert lines[3] == "reflection,greedy,1,1,0.5,,0.25,,0.75,,0.5,,0.8,,0.9,,3200,,99.6,"
 
 
 # ----------------------------------------------------------------------------- t5.py generation
@@ -528,10 +555,15 @@ import scst  # noqa: E402
 
 
 def test_training_rewards_combination_and_scoring():
-    """The baselines train on all three objectives; their reward combination keeps the scores' dtype and
-    device; `score` hands each scorer the prompts and names it when a reward is NaN."""
-    assert scst.trained_objectives("uniform") == scst.trained_objectives("dynaopt") == list(rewards.OBJECTIVES)
-    assert scst.trained_objectives("empathy") == ["empathy"]
+    """The baselines train on all three objectives unless --objectives names others; a single-objective run
+    on its own objective; their reward combination keeps the scores' dtype and device; `score` hands each
+    scorer the prompts and names it when a reward is NaN."""
+    from argparse import Namespace
+    assert scst.trained_objectives(Namespace(objective="uniform")) == \
+        scst.trained_objectives(Namespace(objective="dynaopt", objectives=None)) == list(rewards.OBJECTIVES)
+    assert scst.trained_objectives(Namespace(objective="uniform", objectives="empathy,autonomy")) == ["empathy", "autonomy"]
+    assert scst.trained_objectives(Namespace(objective="dynaopt", objectives=["fluency"])) == ["fluency"]
+    assert scst.trained_objectives(Namespace(objective="empathy", objectives="reflection,fluency")) == ["empathy"]
     scores = torch.tensor([[0.3, 0.6, 0.9]], dtype=torch.float64)
     assert abs(scst.combine_rewards(scores, [1 / 3] * 3, "mean").item() - 0.6) < 1e-15
     assert scst.combine_rewards(torch.empty(2, 3, device="meta"), [1 / 3] * 3, "logsum").device.type == "meta"
