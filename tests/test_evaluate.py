@@ -16,6 +16,7 @@ import lora
 import search
 import t5
 from t5 import InputError
+from test_search import Tok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECTIVES = ("alpha", "beta")  # any d: the evaluation is generic in the objectives
@@ -29,21 +30,6 @@ def test_consumption_is_eq_3_by_hand():
     assert evaluate.consumption(runs, 59.25) == {"data points": 3840, "seconds": 272.75}
     assert evaluate.consumption(runs[:1]) == {"data points": 3328, "seconds": 188.0}
     assert evaluate.consumption([{"data_points": None, "wall_seconds": None}]) == {}  # an imported run
-
-
-class Tok:
-    """ids <-> words "t<id>"."""
-
-    def batch_encode(self, texts, max_length=128, device="cpu"):
-        rows = [[3 + (sum(map(ord, w)) % 40) for w in t.split()][: max_length - 1] + [1] for t in texts]
-        width = max(map(len, rows))
-        out = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r)
-        return out, (out != 0).long()
-
-    def batch_decode(self, tokens):
-        return [" ".join(f"t{i}" for i in row if i > 1) for row in tokens.tolist()]
 
 
 def text_score(prompts, responses):  # a deterministic function of each text: different texts, different scores
