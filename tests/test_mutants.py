@@ -69,6 +69,7 @@ import json  # noqa: E402
 import lora  # noqa: E402
 import search  # noqa: E402
 import t5  # noqa: E402
+from test_search import Tok as WordTokenizer  # noqa: E402  (words <-> hashed ids, tensors on `device`)
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +87,6 @@ def three_adapters():
             for name in ("a", "b", "c"):
                 m.lora_B[name].normal_(0.0, 0.3)
     return model.eval()
-
-
-class WordTokenizer:
-    """words <-> ids 3..42 (a word's id is a hash of its letters); tensors made on `device`."""
-
-    def batch_encode(self, texts, max_length=128, device="cpu"):
-        rows = [[3 + (sum(map(ord, w)) % 40) for w in t.split()][: max_length - 1] + [1] for t in texts]
-        out = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r)
-        return out, (out != 0).long()
-
-    def batch_decode(self, tokens):
-        return [" ".join(f"t{i}" for i in row if i > 1) for row in tokens.tolist()]
 
 
 def test_make_objective_decodes_at_the_requested_level_with_64_new_tokens(three_adapters):

@@ -182,12 +182,12 @@ def test_ensemble_rejects_bad_weights_and_level(tiny):
 
 
 class Tok:
-    """ids <-> words "t<id>" (a stand-in tokenizer for the tiny model); policy_input appends " [SEP] "."""
+    """ids <-> words "t<id>" (a stand-in tokenizer for the tiny model: a word's id is a hash of its letters,
+    tensors made on `device`); policy_input appends " [SEP] "."""
 
     def batch_encode(self, texts, max_length=128, device="cpu"):
         rows = [[3 + (sum(map(ord, w)) % 40) for w in t.split()][: max_length - 1] + [1] for t in texts]
-        width = max(map(len, rows))
-        out = torch.zeros(len(rows), width, dtype=torch.long)
+        out = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
         for i, r in enumerate(rows):
             out[i, : len(r)] = torch.tensor(r)
         return out, (out != 0).long()
