@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import t5
-from t5 import InputError
+import files
+from files import InputError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -60,7 +60,7 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path):
-        raw = t5.read_json(path)
+        raw = files.read_json(path)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if not isinstance(raw.get(key), int):
                 raise InputError(f"{path}: missing or non-integer field {key}")
@@ -207,7 +207,7 @@ def read_bert_checkpoint(directory):
     buffers dropped (see the key map above); key prefixes are left as stored."""
     config = BertConfig.from_json(os.path.join(directory, "config.json"))
     tensors = {}
-    for key, value in t5.load_safetensors(directory).items():
+    for key, value in files.load_safetensors(directory).items():
         if key.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
             continue
         for old, new in (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")):
@@ -237,7 +237,7 @@ def load_bert(directory, head=None, device="cpu"):
         model = head(config)
     else:
         raise ValueError(f"head must be None, 'classification' or a callable, not {head!r}")
-    t5.load_strict(model, tensors, directory)
+    files.load_strict(model, tensors, directory)
     return model.to(device).eval()
 
 
@@ -295,7 +295,7 @@ class WordPieceTokenizer:
         else:
             raise InputError(f"{path}: file not found (nor a tokenizer.json beside it)")
         config_path = os.path.join(directory, "tokenizer_config.json")
-        options = t5.read_json(config_path) if os.path.isfile(config_path) else {}
+        options = files.read_json(config_path) if os.path.isfile(config_path) else {}
         if not isinstance(options, dict):
             raise InputError(f"{config_path}: expected a JSON object")
         return cls(vocab, do_lower_case=options.get("do_lower_case", True), strip_accents=options.get("strip_accents"),
@@ -380,7 +380,7 @@ class WordPieceTokenizer:
 def wordpiece_from_tokenizer_json(path) -> tuple[list[str], int]:
     """The tokens (in id order) and max_input_chars_per_word of a `tokenizers` WordPiece tokenizer.json;
     added tokens missing from model.vocab take their own ids, which must continue the vocabulary."""
-    raw = t5.read_json(path)
+    raw = files.read_json(path)
     model = raw.get("model") if isinstance(raw, dict) else None
     if not isinstance(model, dict) or model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
         found = model.get("type") if isinstance(model, dict) else None

@@ -143,9 +143,9 @@ fraction = number(0.0, 1.0, low_open=True)
 def prepare_output(folder, what, names=None):
     """Before any work: the output folder must be writable (one-line error otherwise), and temporary files
     a killed run left there are deleted (only those of `names` in a shared folder)."""
-    import t5
-    t5.check_writable(folder, what)
-    removed = t5.remove_stale_temporaries(folder, names)
+    import files
+    files.check_writable(folder, what)
+    removed = files.remove_stale_temporaries(folder, names)
     if removed:
         print(f"{folder}: removed {len(removed)} temporary file(s) a killed run left behind")
 
@@ -178,7 +178,7 @@ def load_policy(args):
 
 
 def check_objective_name(name: str, what: str):
-    from t5 import InputError
+    from files import InputError
     if not OBJECTIVE_NAME.fullmatch(name):
         raise InputError(f"{what}: objective name {name!r} must be letters, digits and _, starting with a letter")
     if name in RESERVED:
@@ -187,7 +187,7 @@ def check_objective_name(name: str, what: str):
 
 def parse_scorer(text: str) -> tuple[str, str, str | None]:
     """--scorer NAME=DIR or NAME=DIR:LABEL -> (name, directory, label or None)."""
-    from t5 import InputError
+    from files import InputError
     name, equals, directory = text.partition("=")
     name, label = name.strip(), None
     if not equals or not name or not directory:
@@ -205,7 +205,7 @@ def parse_scorer(text: str) -> tuple[str, str, str | None]:
 def known_scorers(args) -> dict[str, tuple[str, str | None]]:
     """{objective: (scorer directory, label or None)}: the built-ins (--reflection/--empathy/--fluency),
     the embedded default's plugged scorers (when shipped), then every --scorer (replacing a default)."""
-    from t5 import InputError
+    from files import InputError
     known = {name: (getattr(args, name), None) for name in SCORER_NAMES}
     for name, (folder, label) in DEFAULT_PLUGGED.items():
         if os.path.isdir(os.path.join(DEFAULT_ASSETS, folder)):
@@ -223,7 +223,7 @@ def known_scorers(args) -> dict[str, tuple[str, str | None]]:
 def parse_objectives(text: str | None, known: dict | None) -> list[str]:
     """--objectives a,b,c (None: the three built-ins): distinct names, each in `known` (None: any valid
     name, for generate, which reads adapters only)."""
-    from t5 import InputError
+    from files import InputError
     names = [name.strip() for name in (text or ",".join(SCORER_NAMES)).split(",")]
     for name in names:
         if known is not None and name not in known:
@@ -253,7 +253,7 @@ def load_splits(args) -> dict:
 def newest_adapters(runs_dir: str, names) -> list[str]:
     """The newest finished run per objective under runs/ (by summary.json time)."""
     from evaluate import find_runs
-    from t5 import InputError
+    from files import InputError
     runs = find_runs(runs_dir).values()
     found = []
     for name in names:
@@ -267,7 +267,7 @@ def newest_adapters(runs_dir: str, names) -> list[str]:
 # ----------------------------------------------------------------------------- commands
 def training_runs(args, known) -> list[str]:
     """The runs `train OBJECTIVE` asks for; sets args.objectives, the objectives uniform / dynaopt combine."""
-    from t5 import InputError
+    from files import InputError
     explicit, args.objectives = args.objectives is not None, parse_objectives(args.objectives, known)
     if args.objective == "all":
         return list(args.objectives)
@@ -313,16 +313,16 @@ def train_job(job) -> list[dict]:
 
 def check_finished_run(run_dir, args):
     """A finished uniform / dynaopt run must have combined the objectives asked for now."""
-    import t5
+    import files
     if args.objective in BASELINES:
-        trained = t5.read_json(os.path.join(run_dir, "summary.json")).get("objectives", list(SCORER_NAMES))
+        trained = files.read_json(os.path.join(run_dir, "summary.json")).get("objectives", list(SCORER_NAMES))
         if trained != list(args.objectives):
-            raise t5.InputError(f"{run_dir} combined {','.join(trained)}, not {','.join(args.objectives)}: "
+            raise files.InputError(f"{run_dir} combined {','.join(trained)}, not {','.join(args.objectives)}: "
                                 "choose another --runs folder or delete it")
 
 
 def cmd_train(args):
-    from t5 import InputError
+    from files import InputError
     known = known_scorers(args)
     objectives = training_runs(args, known)
     devices = [device.strip() for device in args.device.split(",")]
@@ -352,7 +352,7 @@ def cmd_train(args):
 def adapter_dirs(args, names, unique=False) -> list[str]:
     """The objective adapters' folders: --adapters, or the newest finished run of each objective;
     unique: one folder twice is refused (search would decode identical adapters for nothing)."""
-    from t5 import InputError
+    from files import InputError
     directories = args.adapters or newest_adapters(args.runs, names)
     if len(directories) != len(names):
         raise InputError(f"--adapters: expected {len(names)} folders ({', '.join(names)}), got {len(directories)}")
@@ -373,7 +373,7 @@ def load_adapters(model, directories, names):
 def cmd_search(args):
     import search
     import torch
-    from t5 import InputError
+    from files import InputError
     torch.manual_seed(args.seed)
     known = known_scorers(args)
     names = parse_objectives(args.objectives, known)
@@ -419,7 +419,7 @@ def cmd_generate(args):
 
 def cmd_evaluate(args):
     import evaluate
-    import t5
+    import files
     import torch
     torch.manual_seed(args.seed)
     known = known_scorers(args)
@@ -427,7 +427,7 @@ def cmd_evaluate(args):
     outputs = [args.out + ".md", args.out + ".csv"]
     prepare_output(os.path.dirname(os.path.abspath(outputs[0])), f"--out {args.out}",
                    [os.path.basename(p) for p in outputs])
-    search_result = t5.read_json(args.search) if os.path.exists(args.search) else None
+    search_result = files.read_json(args.search) if os.path.exists(args.search) else None
     if search_result is None:
         print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
     else:
@@ -437,8 +437,8 @@ def cmd_evaluate(args):
                                 search_result, batch_size=args.batch_size, device=args.device, objectives=names,
                                 greedy=args.greedy, generation_runs=args.generation_runs, seed=args.seed)
     markdown, table_csv = evaluate.tables(results, objectives=names)
-    t5.atomic_write(args.out + ".md", markdown)
-    t5.atomic_write(args.out + ".csv", table_csv)
+    files.atomic_write(args.out + ".md", markdown)
+    files.atomic_write(args.out + ".csv", table_csv)
     print(markdown + f"({len(prompts)} inference prompts; {args.out}.md, {args.out}.csv)")
 
 
@@ -458,7 +458,7 @@ def cmd_convert(args):
 
 def cmd_build_default(args):
     from data import build_default
-    from t5 import InputError
+    from files import InputError
     out = DEFAULT_ASSETS if args.out is None else args.out
     committed = os.path.realpath(out) == os.path.realpath(DEFAULT_ASSETS) and os.path.isdir(out) and os.listdir(out)
     if committed and not args.force:
@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from t5 import InputError
+    from files import InputError
     try:
         args.func(args)
     except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

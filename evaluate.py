@@ -46,8 +46,9 @@ import data
 import lora
 import rewards
 import search
+import files
 import t5
-from t5 import InputError
+from files import InputError
 
 LEVELS = ("param", "logit", "hidden")
 GREEDY_METHODS = ("logit", "hidden")  # decoded greedily in the authors' protocol too
@@ -173,7 +174,7 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
         summaries = []
         for name in used:
             lora.load_adapter(model, os.path.join(runs[training_seed][name], "adapter"), name)
-            summaries.append(t5.read_json(os.path.join(runs[training_seed][name], "summary.json")))
+            summaries.append(files.read_json(os.path.join(runs[training_seed][name], "summary.json")))
         aggregate = (aggregated, weights, method) if method in LEVELS else None
         sampled = not greedy and method not in GREEDY_METHODS
         for run in range(generation_runs if sampled else 1):

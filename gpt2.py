@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import t5
-from t5 import InputError
+import files
+from files import InputError
 
 
 # ----------------------------------------------------------------------------- byte-level BPE
@@ -141,7 +141,7 @@ class ByteLevelBPETokenizer:
         json_path = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(vocab_path) and not os.path.isfile(merges_path) and os.path.isfile(json_path):
             return cls.from_tokenizer_json(json_path)
-        vocab = t5.read_json(vocab_path)
+        vocab = files.read_json(vocab_path)
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
             raise InputError(f"{vocab_path}: expected a JSON object mapping tokens to integer ids")
         if not os.path.isfile(merges_path):
@@ -159,7 +159,7 @@ class ByteLevelBPETokenizer:
     def from_tokenizer_json(cls, path):
         """A `tokenizers` BPE tokenizer.json: model.vocab, model.merges ("a b" strings or [a, b] pairs, by rank);
         added tokens missing from the vocabulary keep their ids, as HF adds them."""
-        raw = t5.read_json(path)
+        raw = files.read_json(path)
         model = raw.get("model") if isinstance(raw, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             found = model.get("type") if isinstance(model, dict) else None
@@ -294,8 +294,8 @@ def train_byte_bpe(texts, vocab_size: int, special_tokens=()):
 
 def save_bpe(vocab: dict[str, int], merges, directory):
     """Write vocab.json + merges.txt in Hugging Face's format (merges.txt opens with `#version: 0.2`)."""
-    t5.atomic_write(os.path.join(directory, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
-    t5.atomic_write(os.path.join(directory, "merges.txt"), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    files.atomic_write(os.path.join(directory, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
+    files.atomic_write(os.path.join(directory, "merges.txt"), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
 # ----------------------------------------------------------------------------- model
@@ -319,7 +319,7 @@ class GPT2Config:
 
     @classmethod
     def from_json(cls, path):
-        raw = t5.read_json(path)
+        raw = files.read_json(path)
         known = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in raw.items() if k in known})
         if config.activation_function not in ACTIVATIONS:
@@ -451,11 +451,11 @@ def map_gpt2_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, to
 
 def load_gpt2(directory, device="cpu"):
     """Hugging Face GPT-2 folder (config.json, *.safetensors, vocab.json + merges.txt or tokenizer.json) -> (model in eval
-    mode on `device`, tokenizer). Every key is checked (t5.load_strict)."""
+    mode on `device`, tokenizer). Every key is checked (files.load_strict)."""
     config = GPT2Config.from_json(os.path.join(directory, "config.json"))
     tokenizer = ByteLevelBPETokenizer.from_dir(directory)
     if max(tokenizer.decoder) >= config.vocab_size:
         raise InputError(f"{directory}: the tokenizer has id {max(tokenizer.decoder)}, beyond config vocab_size {config.vocab_size}")
     model = GPT2LMHeadModel(config)
-    t5.load_strict(model, map_gpt2_keys(t5.load_safetensors(directory), directory), directory)
+    files.load_strict(model, map_gpt2_keys(files.load_safetensors(directory), directory), directory)
     return model.to(device).eval(), tokenizer

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t5 import InputError, load_safetensors, read_json, save_safetensors, write_json
+from files import InputError, load_safetensors, read_json, save_safetensors, write_json
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # never lm_head
 FINGERPRINT_KEY = "emorl_base_fingerprint"

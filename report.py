@@ -21,7 +21,7 @@ import itertools
 import math
 from xml.sax.saxutils import escape
 
-import t5
+import files
 
 
 # ----------------------------------------------------------------------------- Pareto
@@ -142,7 +142,7 @@ def search_svg(iterations, names, size=150, gap=46) -> str:
     Algorithm 1's best point ringed (class "best") and its mean marked on the colour bar."""
     d = len(iterations[0]["bounds"])
     if d < 2 or len(names) != d:
-        raise t5.InputError(f"search figure: needs d >= 2 objectives and one name per weight, got d={d}, names {list(names)}")
+        raise files.InputError(f"search figure: needs d >= 2 objectives and one name per weight, got d={d}, names {list(names)}")
     means = [m for it in iterations for m in it["means"] if m is not None]
     low, high = (min(means), max(means)) if means else (0.0, 1.0)
     layout = slice_grid(d)

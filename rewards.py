@@ -43,8 +43,8 @@ from torch import nn
 
 import bert
 import gpt2
-import t5
-from t5 import InputError
+import files
+from files import InputError
 
 OBJECTIVES = ("reflection", "empathy", "fluency")
 CLIP_MIN, CLIP_MAX = 1e-4, 0.9999          # logsum clipping of the public code
@@ -229,14 +229,14 @@ def load_distilbert_classifier(directory, raw: dict, device="cpu") -> DistilBert
     except KeyError as e:
         raise InputError(f"{source}: missing field {e.args[0]}") from None
     tensors = {}
-    for key, value in t5.load_safetensors(directory).items():
+    for key, value in files.load_safetensors(directory).items():
         if not key.endswith("embeddings.position_ids"):
             for pattern, replacement in DISTILBERT_KEY_MAP:
                 key = re.sub(pattern, replacement, key)
             tensors[key] = value
     tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, config.hidden_size)
     model = DistilBertClassifier(config)
-    t5.load_strict(model, tensors, directory)
+    files.load_strict(model, tensors, directory)
     return model.to(device).eval()
 
 
@@ -287,7 +287,7 @@ class ClassifierScorer(Scorer):
 
     @classmethod
     def from_dir(cls, directory, device="cpu", batch_size=32, label=None):
-        raw = t5.read_json(os.path.join(directory, "config.json"))
+        raw = files.read_json(os.path.join(directory, "config.json"))
         if raw.get("model_type") == "distilbert":
             model = load_distilbert_classifier(directory, raw, device)
         elif raw.get("model_type") == "roberta":
@@ -323,7 +323,7 @@ class EmpathyScorer(ClassifierScorer):
 
     @classmethod
     def from_dir(cls, directory, device="cpu", batch_size=32, label=None):
-        raw = t5.read_json(os.path.join(directory, "config.json"))
+        raw = files.read_json(os.path.join(directory, "config.json"))
         num_labels = len(raw["id2label"]) if "id2label" in raw else raw.get("num_labels", 2)
         if num_labels != 1:
             raise InputError(f"{directory}: the empathy classifier has {num_labels} labels, "
@@ -374,7 +374,7 @@ def load_scorer(name: str, directory: str, label=None, device="cpu", batch_size=
         if label is not None:
             raise InputError(f"{name}: the built-in scorer takes no label (got ':{label}')")
         return SCORERS[name].from_dir(directory, device, batch_size)
-    raw = t5.read_json(os.path.join(directory, "config.json"))
+    raw = files.read_json(os.path.join(directory, "config.json"))
     model_type, architectures = raw.get("model_type"), raw.get("architectures") or []
     kind, head = PLUGGED_KINDS.get(model_type, (None, None))
     if kind is None or (architectures and not any(str(a).endswith(head) for a in architectures)):
@@ -480,7 +480,7 @@ def convert_checkpoint(src, dst, base=None) -> list[tuple[str, str]]:
             raise InputError(f"{src}: no tensor for {needed} (is this a reflection-scorer checkpoint?)")
     folder = dst if not str(dst).endswith(".safetensors") else os.path.dirname(os.path.abspath(dst))
     target = dst if str(dst).endswith(".safetensors") else os.path.join(dst, "model.safetensors")
-    t5.save_safetensors(tensors, target, metadata={"format": "pt", "converted_from": os.path.basename(src)})
+    files.save_safetensors(tensors, target, metadata={"format": "pt", "converted_from": os.path.basename(src)})
     for name in tokenizer_files if base is not None else ():
         shutil.copyfile(os.path.join(base, name), os.path.join(folder, name))
     return table

@@ -46,9 +46,10 @@ from tqdm import tqdm
 
 import lora
 import rewards
+import files
 import t5
 from data import encode_prompts
-from t5 import InputError
+from files import InputError
 
 SINGLE_OBJECTIVES = rewards.OBJECTIVES                    # ("reflection", "empathy", "fluency")
 MULTI_OBJECTIVE = ("uniform", "dynaopt")
@@ -332,7 +333,7 @@ class TrainingRun:
                       "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "generator": generator.get_state()}
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        t5.atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), buffer.getvalue())
+        files.atomic_write(os.path.join(self.run_dir, "checkpoint.pt"), buffer.getvalue())
 
     def restore(self, model, optimizer, generator) -> bool:
         """Load checkpoint.pt if there is one; refuse it (InputError naming the setting) if it was made
@@ -467,5 +468,5 @@ def train(model, tokenizer, scorers: dict, train_examples: list, validation_prom
                "hyperparameters": {k: getattr(args, k) for k in ("batch_size", "samples_per_prompt", "lr", "beta",
                                                                  "grad_clip", "max_steps", "val_every", "combine",
                                                                  "top_k", "gamma", "cv_window", "cv_tolerance")}}
-    t5.write_json(os.path.join(run_dir, "summary.json"), summary)
+    files.write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary

@@ -53,8 +53,9 @@ from tqdm import tqdm
 import data
 import lora
 import report
+import files
 import t5
-from t5 import InputError
+from files import InputError
 
 LEVELS = ("hidden", "logit", "param")
 
@@ -266,9 +267,9 @@ def fingerprint(*paths) -> str:
     search.json compares instead of absolute paths, so a moved or copied project keeps its search."""
     digest = hashlib.sha256()
     for path in paths:
-        files = sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")) \
+        members = sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")) \
             if os.path.isdir(path) else [path]  # hidden files (.tmp-* leftovers) are not content
-        for file in files:
+        for file in members:
             if os.path.isfile(file):
                 with open(file, "rb") as f:
                     digest.update(os.path.basename(file).encode() + b"\0" + f.read())
@@ -298,7 +299,7 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
     header = json.loads(json.dumps({"objectives": names, "num_iterations": iterations, "meta": meta}))  # as read back
     log = []
     if os.path.exists(out_path):
-        previous = t5.read_json(out_path)
+        previous = files.read_json(out_path)
         if not isinstance(previous, dict):
             raise InputError(f"{out_path}: not a search result (expected a JSON object); delete it or choose another --out")
         difference = header_difference(previous, header)
@@ -315,7 +316,7 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
 
     def on_eval(record):
         records.append(record)
-        t5.write_json(out_path, {**header, "evaluations": records})
+        files.write_json(out_path, {**header, "evaluations": records})
         bar.update(1)
         bar.write(report.format_evaluation(len(records), total, record, names))
 
@@ -328,9 +329,9 @@ def run_search(objective, names, out_path="search.json", iterations=5, svg_path=
     pareto = report.pareto_report(result["evaluations"], names)
     out = {**header, "evaluations": records, "best_weights": result["best_weights"], "best_score": result["best_score"],
            "iterations": result["iterations"], "pareto": pareto}
-    t5.write_json(out_path, out)
+    files.write_json(out_path, out)
     if svg_path:
-        t5.atomic_write(svg_path, report.search_svg(result["iterations"], names))
+        files.atomic_write(svg_path, report.search_svg(result["iterations"], names))
     print(report.format_report(pareto))
     best = ",".join(f"{w:.5g}" for w in result["best_weights"] or [])
     score = "n/a" if result["best_score"] is None else f"{result['best_score']:.4f}"

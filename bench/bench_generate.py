@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
+import files
 import t5  # noqa: E402
 
 SHAPES = {  # t5-small: matmul-bound on CPU; tiny: shows the per-step Python overhead instead
@@ -43,7 +44,7 @@ def build(shape, eos, device):
     ours = t5.T5ForConditionalGeneration(t5.T5Config(**shape, **COMMON, eos_token_id=eos))
     key_map = t5.checkpoint_key_map(ours)
     state = {key_map[k]: v for k, v in hf.state_dict().items() if key_map.get(k, k) is not None}
-    t5.load_strict(ours, state, "random HF t5-small")
+    files.load_strict(ours, state, "random HF t5-small")
     return hf.to(device).eval(), ours.to(device).eval()
 
 

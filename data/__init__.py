@@ -22,7 +22,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from t5 import InputError
+from files import InputError
 
 PAIR_COLUMNS = ("prompt", "hq1", "hq2", "mq1", "lq1", "lq2", "lq3", "lq4", "lq5")
 RESPONSE_COLUMNS = PAIR_COLUMNS[1:]

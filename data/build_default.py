@@ -55,6 +55,7 @@ import bert
 import data
 import gpt2
 import rewards
+import files
 import t5
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -194,7 +195,7 @@ def seq2seq_loss(model, batch):
 
 def build_policy(directory, train, heldout, vocab_texts, seed, epochs):
     os.makedirs(directory, exist_ok=True)
-    t5.atomic_write(os.path.join(directory, "spiece.model"), train_spiece(vocab_texts))
+    files.atomic_write(os.path.join(directory, "spiece.model"), train_spiece(vocab_texts))
     tokenizer = t5.T5Tokenizer(os.path.join(directory, "spiece.model"))
     torch.manual_seed(seed)
     model = t5.T5ForConditionalGeneration(t5.T5Config(vocab_size=tokenizer.vocab_size, **POLICY))
@@ -204,7 +205,7 @@ def build_policy(directory, train, heldout, vocab_texts, seed, epochs):
     fit("policy", model, seq2seq_tensors(tokenizer, pairs), seq2seq_loss, epochs=epochs, seed=seed,
         heldout=heldout_tensors, **{k: v for k, v in POLICY_TRAIN.items() if k != "epochs"})
     t5.save_t5(model, tokenizer, directory)
-    t5.write_json(os.path.join(directory, "tokenizer_config.json"),
+    files.write_json(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": MAX_SOURCE,
                    "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
     return heldout_tensors
@@ -273,9 +274,9 @@ def build_reflection(directory, train, seed, epochs):
     with dropout_hooks(model, TRAIN_DROPOUT, encoder_dropout_names(model.roberta, "roberta.")):
         fit("reflection", model, with_targets(encoded, [t for _, _, t in triples]), reflection_loss, epochs=epochs,
             seed=seed, **{k: v for k, v in REFLECTION_TRAIN.items() if k != "epochs"})
-    t5.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    t5.write_json(os.path.join(directory, "config.json"), hf)
-    t5.write_json(os.path.join(directory, "tokenizer_config.json"),
+    files.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    files.write_json(os.path.join(directory, "config.json"), hf)
+    files.write_json(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "RobertaTokenizer", "model_max_length": spec["positions"],
                    "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
                    "pad_token": "<pad>", "unk_token": "<unk>"})
@@ -292,8 +293,8 @@ def build_empathy(directory, train, labels, seed, epochs):
     rows = [(p, r, label / 2) for p, r, label in labels if p in train_prompts]
     vocab = bert.train_wordpiece_vocab([e.prompt for e in train] + [r for _, r, _ in rows], spec["vocab"])
     os.makedirs(directory, exist_ok=True)
-    t5.atomic_write(os.path.join(directory, "vocab.txt"), "".join(token + "\n" for token in vocab))
-    t5.write_json(os.path.join(directory, "tokenizer_config.json"),
+    files.atomic_write(os.path.join(directory, "vocab.txt"), "".join(token + "\n" for token in vocab))
+    files.write_json(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": spec["positions"]})
     tokenizer = bert.WordPieceTokenizer(vocab)
     config, hf = encoder_config(spec, len(vocab), "bert")
@@ -303,8 +304,8 @@ def build_empathy(directory, train, labels, seed, epochs):
     with dropout_hooks(model, TRAIN_DROPOUT, encoder_dropout_names(model.bert, "bert.")):
         fit("empathy", model, with_targets(encoded, [t for _, _, t in rows]), empathy_loss, epochs=epochs, seed=seed,
             **{k: v for k, v in EMPATHY_TRAIN.items() if k != "epochs"})
-    t5.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    t5.write_json(os.path.join(directory, "config.json"), hf)
+    files.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    files.write_json(os.path.join(directory, "config.json"), hf)
 
 
 # ----------------------------------------------------------------------------- 5. fluency scorer
@@ -349,11 +350,11 @@ def build_fluency(directory, train, heldout, seed, epochs):
         fit("fluency", model, lm_tensors(tokenizer, pairs, spec["n_positions"]), lm_loss, epochs=epochs, seed=seed,
             heldout=lm_tensors(tokenizer, fluency_pairs(heldout), spec["n_positions"]),
             **{k: v for k, v in FLUENCY_TRAIN.items() if k != "epochs"})
-    t5.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    t5.write_json(os.path.join(directory, "config.json"),
+    files.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    files.write_json(os.path.join(directory, "config.json"),
                   {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **dataclasses.asdict(config),
                    "n_ctx": config.n_positions, "bos_token_id": eos, "eos_token_id": eos, "resid_pdrop": spec["dropout"], "embd_pdrop": 0.0, "attn_pdrop": 0.0})
-    t5.write_json(os.path.join(directory, "tokenizer_config.json"),
+    files.write_json(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "GPT2Tokenizer", "model_max_length": spec["n_positions"], "bos_token": "<|endoftext|>",
                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False})
 
@@ -374,8 +375,8 @@ def build_autonomy(directory, train, labels, vocab_directory, seed, epochs):
     rows = [(p, r, label) for p, r, label in labels if p in train_prompts]
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(vocab_directory, "vocab.txt"), "rb") as f:
-        t5.atomic_write(os.path.join(directory, "vocab.txt"), f.read())
-    t5.write_json(os.path.join(directory, "tokenizer_config.json"),
+        files.atomic_write(os.path.join(directory, "vocab.txt"), f.read())
+    files.write_json(os.path.join(directory, "tokenizer_config.json"),
                   {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": spec["positions"]})
     tokenizer = bert.WordPieceTokenizer.from_dir(directory)
     config, hf = encoder_config(spec, tokenizer.vocab_size, "bert", labels=AUTONOMY_LABELS)
@@ -386,8 +387,8 @@ def build_autonomy(directory, train, labels, vocab_directory, seed, epochs):
     with dropout_hooks(model, TRAIN_DROPOUT, encoder_dropout_names(model.bert, "bert.")):
         fit("autonomy", model, tensors, autonomy_loss, epochs=epochs, seed=seed,
             **{k: v for k, v in AUTONOMY_TRAIN.items() if k != "epochs"})
-    t5.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    t5.write_json(os.path.join(directory, "config.json"), hf)
+    files.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    files.write_json(os.path.join(directory, "config.json"), hf)
 
 
 class LabelProbability:
@@ -397,7 +398,7 @@ class LabelProbability:
     def __init__(self, directory, label, batch_size=64):
         self.model = bert.load_bert(directory, head="classification").eval()
         self.tokenizer = bert.WordPieceTokenizer.from_dir(directory)
-        self.index = t5.read_json(os.path.join(directory, "config.json"))["label2id"][label]
+        self.index = files.read_json(os.path.join(directory, "config.json"))["label2id"][label]
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -488,7 +489,7 @@ def build(out, seed=0, scale=1.0, pair_path=None, empathy_path=None, psych8k_pat
     """Train and write OUT/{policy,reflection,empathy,fluency,autonomy}/ + OUT/metrics.json; returns the metrics.
     `scale` multiplies the epochs (at least 1 each) and, below 1, the fraction of training prompts used."""
     if not scale > 0:
-        raise t5.InputError(f"--scale must be positive, got {scale}")
+        raise files.InputError(f"--scale must be positive, got {scale}")
     with single_thread():
         return _build(out, seed, scale, pair_path, empathy_path, psych8k_path, autonomy_path)
 
@@ -549,7 +550,7 @@ def _build(out, seed, scale, pair_path, empathy_path, psych8k_path, autonomy_pat
     metrics["bytes"] = {**sizes, "total": sum(sizes.values())}
     metrics["seconds"] = {**seconds, "total": time.time() - begin}   # wall time: the one entry a rebuild changes
     metrics = rounded(metrics)
-    t5.write_json(os.path.join(out, "metrics.json"), metrics)
+    files.write_json(os.path.join(out, "metrics.json"), metrics)
     print(summary(metrics))
     return metrics
 

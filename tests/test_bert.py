@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bert
-import t5
+import files
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -67,7 +67,7 @@ def test_bert_and_classifier_match_hf_on_padded_pairs(tmp_path):
         expected_logits = hf_cls(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         torch.testing.assert_close(cls(ids, mask, types), expected_logits, atol=1e-5, rtol=1e-5)
     # the classifier's encoder alone loads from the same file only through the classification head
-    with pytest.raises(t5.InputError, match="unexpected key classifier"):
+    with pytest.raises(files.InputError, match="unexpected key classifier"):
         bert.load_bert(tmp_path / "cls")
 
 
@@ -87,7 +87,7 @@ def test_roberta_matches_hf_and_custom_head_loads(tmp_path):
     assert model.embeddings.position_ids(ids)[2].tolist() == [2, 3, 4] + [1] * 6
     with torch.no_grad():
         model(torch.full((1, 12), 5))  # positions 2..13 fit the 14-row table; one more token does not
-    with pytest.raises(t5.InputError, match="longer than"):
+    with pytest.raises(files.InputError, match="longer than"):
         model(torch.full((1, 13), 5))
 
     # reflection-scorer layout: roberta.* (no pooler) + the caller's own head.* in one file
@@ -103,13 +103,13 @@ def test_roberta_matches_hf_and_custom_head_loads(tmp_path):
     folder = tmp_path / "reflection"
     folder.mkdir()
     (folder / "config.json").write_text((tmp_path / "roberta" / "config.json").read_text())
-    t5.save_safetensors(tensors, folder / "model.safetensors")
+    files.save_safetensors(tensors, folder / "model.safetensors")
     loaded = bert.load_bert(folder, head=Reflection)
     with torch.no_grad():
         torch.testing.assert_close(loaded.head(loaded.roberta(ids, mask)[:, 0]), head(expected[:, 0]), atol=1e-5, rtol=1e-5)
     del tensors["head.2.bias"]
-    t5.save_safetensors(tensors, folder / "model.safetensors")
-    with pytest.raises(t5.InputError, match="missing key head.2.bias"):
+    files.save_safetensors(tensors, folder / "model.safetensors")
+    with pytest.raises(files.InputError, match="missing key head.2.bias"):
         bert.load_bert(folder, head=Reflection)
 
 
@@ -117,39 +117,39 @@ def test_bad_checkpoints_raise_input_error_naming_the_problem(tmp_path):
     torch.manual_seed(0)
     transformers.BertModel(transformers.BertConfig(**TINY, max_position_embeddings=20)).save_pretrained(tmp_path / "m")
     file = tmp_path / "m" / "model.safetensors"
-    good = t5.load_safetensors(file)
+    good = files.load_safetensors(file)
 
     # accepted spellings: `bert.` prefix, old LayerNorm gamma/beta, a saved position_ids buffer
     renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
                for k, v in good.items()}
-    t5.save_safetensors({**renamed, "bert.embeddings.position_ids": torch.arange(20)[None]}, file)
+    files.save_safetensors({**renamed, "bert.embeddings.position_ids": torch.arange(20)[None]}, file)
     loaded = bert.load_bert(tmp_path / "m").state_dict()
     assert loaded.keys() == good.keys() and all(torch.equal(loaded[k], good[k]) for k in good)
 
-    t5.save_safetensors({k: v for k, v in good.items() if k != "encoder.layer.1.output.dense.weight"}, file)
-    with pytest.raises(t5.InputError, match="missing key encoder.layer.1.output.dense.weight"):
+    files.save_safetensors({k: v for k, v in good.items() if k != "encoder.layer.1.output.dense.weight"}, file)
+    with pytest.raises(files.InputError, match="missing key encoder.layer.1.output.dense.weight"):
         bert.load_bert(tmp_path / "m")
-    t5.save_safetensors({**good, "embeddings.word_embeddings.weight": torch.zeros(61, 16)}, file)
-    with pytest.raises(t5.InputError, match=r"embeddings.word_embeddings.weight has shape \(61, 16\)"):
+    files.save_safetensors({**good, "embeddings.word_embeddings.weight": torch.zeros(61, 16)}, file)
+    with pytest.raises(files.InputError, match=r"embeddings.word_embeddings.weight has shape \(61, 16\)"):
         bert.load_bert(tmp_path / "m")
-    t5.save_safetensors({**good, "encoder.layer.9.output.dense.weight": torch.zeros(2)}, file)
-    with pytest.raises(t5.InputError, match="unexpected key encoder.layer.9"):
+    files.save_safetensors({**good, "encoder.layer.9.output.dense.weight": torch.zeros(2)}, file)
+    with pytest.raises(files.InputError, match="unexpected key encoder.layer.9"):
         bert.load_bert(tmp_path / "m")
-    t5.save_safetensors(good, file)
+    files.save_safetensors(good, file)
     file.write_bytes(file.read_bytes()[:-100])
-    with pytest.raises(t5.InputError, match="model.safetensors: corrupt or truncated"):
+    with pytest.raises(files.InputError, match="model.safetensors: corrupt or truncated"):
         bert.load_bert(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text('{"model_type": "bert", "hidden_size": 16}')
-    with pytest.raises(t5.InputError, match="config.json: missing or non-integer field vocab_size"):
+    with pytest.raises(files.InputError, match="config.json: missing or non-integer field vocab_size"):
         bert.load_bert(tmp_path / "m")
 
     config = bert.BertConfig(**TINY)
     bert.check_vocab_size(60, config, "x")
-    with pytest.raises(t5.InputError, match="vocab.txt: tokenizer has 59 tokens but .* 60 rows"):
+    with pytest.raises(files.InputError, match="vocab.txt: tokenizer has 59 tokens but .* 60 rows"):
         bert.check_vocab_size(59, config, "vocab.txt")
-    with pytest.raises(t5.InputError, match="vocab.txt: file not found"):
+    with pytest.raises(files.InputError, match="vocab.txt: file not found"):
         bert.WordPieceTokenizer.from_dir(tmp_path / "m")
-    with pytest.raises(t5.InputError, match=r"special token \[SEP\] is missing"):
+    with pytest.raises(files.InputError, match=r"special token \[SEP\] is missing"):
         bert.WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "a"])
 
 
@@ -245,10 +245,10 @@ def test_real_minilm_tokenizer_saved_by_transformers_5(minilm_dir, tmp_path):
 def test_tokenizer_json_errors(tmp_path):
     import json
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}}))
-    with pytest.raises(t5.InputError, match=r"tokenizer\.json: not a WordPiece tokenizer \(model.type 'BPE'\)"):
+    with pytest.raises(files.InputError, match=r"tokenizer\.json: not a WordPiece tokenizer \(model.type 'BPE'\)"):
         bert.WordPieceTokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {"[PAD]": 0, "[UNK]": 2}}}))
-    with pytest.raises(t5.InputError, match="token ids are not the integers 0..1"):
+    with pytest.raises(files.InputError, match="token ids are not the integers 0..1"):
         bert.WordPieceTokenizer.from_dir(tmp_path)
 
 

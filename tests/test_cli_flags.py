@@ -230,14 +230,14 @@ def test_stale_temporaries_are_removed_at_start_up(outputs):
 
 
 def test_remove_stale_temporaries_by_hand(tmp_path):
-    import t5
+    import files
     for name in (".tmp-a.json123", ".tmp-b.json456", "a.json", ".tmpx"):
         (tmp_path / name).write_text("x")
     (tmp_path / ".tmp-dir").mkdir()
-    assert t5.remove_stale_temporaries(str(tmp_path), ["a.json"]) == [str(tmp_path / ".tmp-a.json123")]
-    assert t5.remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / ".tmp-b.json456")]
+    assert files.remove_stale_temporaries(str(tmp_path), ["a.json"]) == [str(tmp_path / ".tmp-a.json123")]
+    assert files.remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / ".tmp-b.json456")]
     assert sorted(os.listdir(tmp_path)) == [".tmp-dir", ".tmpx", "a.json"]
-    assert t5.remove_stale_temporaries(str(tmp_path / "missing")) == []
+    assert files.remove_stale_temporaries(str(tmp_path / "missing")) == []
 
 
 # ----------------------------------------------------------------------------- 8. help and the committed models

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 import data
-from t5 import InputError
+from files import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ import evaluate
 import lora
 import search
 import t5
-from t5 import InputError
+from files import InputError
 from test_search import Tok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

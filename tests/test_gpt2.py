@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpt2
-import t5
+import files
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<|endoftext|>"]
 
@@ -133,7 +133,7 @@ def test_saved_files_format(vocab_dirs):
     with open(os.path.join(vocab_dirs["ours"], "merges.txt"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     assert lines[0] == "#version: 0.2" and all(len(line.split(" ")) == 2 for line in lines[1:])
-    vocab = t5.read_json(os.path.join(vocab_dirs["ours"], "vocab.json"))
+    vocab = files.read_json(os.path.join(vocab_dirs["ours"], "vocab.json"))
     assert len(vocab) == 600 and sorted(vocab.values()) == list(range(600))
 
 
@@ -219,7 +219,7 @@ def write_variant(directory, target, tensors=None, skip=()):
             with open(os.path.join(directory, name), "rb") as src, open(os.path.join(target, name), "wb") as dst:
                 dst.write(src.read())
     if tensors is not None:
-        t5.save_safetensors(tensors, os.path.join(target, "model.safetensors"))
+        files.save_safetensors(tensors, os.path.join(target, "model.safetensors"))
 
 
 def state(hf):
@@ -231,7 +231,7 @@ def test_missing_key(tiny_gpt2, tmp_path):
     tensors = state(hf)
     del tensors["transformer.h.1.ln_2.weight"]
     write_variant(directory, tmp_path, tensors)
-    with pytest.raises(t5.InputError, match=r"missing key transformer\.h\.1\.ln_2\.weight"):
+    with pytest.raises(files.InputError, match=r"missing key transformer\.h\.1\.ln_2\.weight"):
         gpt2.load_gpt2(str(tmp_path))
 
 
@@ -240,7 +240,7 @@ def test_wrong_shape(tiny_gpt2, tmp_path):
     tensors = state(hf)
     tensors["transformer.wpe.weight"] = torch.zeros(16, 32)
     write_variant(directory, tmp_path, tensors)
-    with pytest.raises(t5.InputError, match=r"transformer\.wpe\.weight has shape \(16, 32\)"):
+    with pytest.raises(files.InputError, match=r"transformer\.wpe\.weight has shape \(16, 32\)"):
         gpt2.load_gpt2(str(tmp_path))
 
 
@@ -249,7 +249,7 @@ def test_untied_head_rejected(tiny_gpt2, tmp_path):
     tensors = state(hf)
     tensors["lm_head.weight"] = torch.zeros_like(tensors["transformer.wte.weight"])
     write_variant(directory, tmp_path, tensors)
-    with pytest.raises(t5.InputError, match=r"lm_head\.weight"):
+    with pytest.raises(files.InputError, match=r"lm_head\.weight"):
         gpt2.load_gpt2(str(tmp_path))
 
 
@@ -260,19 +260,19 @@ def test_truncated_safetensors(tiny_gpt2, tmp_path):
         data = f.read()
     with open(tmp_path / "model.safetensors", "wb") as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(t5.InputError, match=r"model\.safetensors: corrupt or truncated"):
+    with pytest.raises(files.InputError, match=r"model\.safetensors: corrupt or truncated"):
         gpt2.load_gpt2(str(tmp_path))
 
 
 def test_missing_or_bad_merges(tiny_gpt2, tmp_path):
     _, directory = tiny_gpt2
     write_variant(directory, tmp_path, skip=("merges.txt",))
-    with pytest.raises(t5.InputError, match=r"merges\.txt: file not found"):
+    with pytest.raises(files.InputError, match=r"merges\.txt: file not found"):
         gpt2.ByteLevelBPETokenizer.from_dir(str(tmp_path))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nq zz9\n", encoding="utf-8")
-    with pytest.raises(t5.InputError, match=r"merges\.txt: line 2"):
+    with pytest.raises(files.InputError, match=r"merges\.txt: line 2"):
         gpt2.ByteLevelBPETokenizer.from_dir(str(tmp_path))
-    with pytest.raises(t5.InputError, match=r"vocab\.json"):
+    with pytest.raises(files.InputError, match=r"vocab\.json"):
         gpt2.ByteLevelBPETokenizer.from_dir(str(tmp_path / "nowhere"))
 
 
@@ -310,11 +310,11 @@ def test_tokenizer_json_in_the_old_merges_format_and_errors(vocab_dirs, tmp_path
     assert gpt2.ByteLevelBPETokenizer.from_dir(str(tmp_path)).ranks == reference.ranks
     raw["model"]["merges"].append("q zz9")
     (tmp_path / "tokenizer.json").write_text(json.dumps(raw), encoding="utf-8")
-    with pytest.raises(t5.InputError, match=r"tokenizer\.json: merge \d+ 'q zz9' is not a merge"):
+    with pytest.raises(files.InputError, match=r"tokenizer\.json: merge \d+ 'q zz9' is not a merge"):
         gpt2.ByteLevelBPETokenizer.from_dir(str(tmp_path))
     raw["model"]["type"] = "WordPiece"
     (tmp_path / "tokenizer.json").write_text(json.dumps(raw), encoding="utf-8")
-    with pytest.raises(t5.InputError, match="not a BPE tokenizer"):
+    with pytest.raises(files.InputError, match="not a BPE tokenizer"):
         gpt2.ByteLevelBPETokenizer.from_dir(str(tmp_path))
 
 

@@ -1,15 +1,15 @@
 """lora.py: LoRA = base at init, mixed rows = single adapters, merged = unmerged, PEFT file compatibility both
 ways (peft is a test oracle only), strict loading errors."""
 import json
-import os
 
 import pytest
 import torch
 from torch import nn
 
 import lora
+import files
 import t5
-from t5 import InputError
+from files import InputError
 
 
 class Toy(nn.Module):
@@ -166,9 +166,9 @@ def test_save_load_roundtrip_and_errors(tmp_path):
             edit_config(c)
             (d / "adapter_config.json").write_text(json.dumps(c))
         if edit_tensors:
-            ts = t5.load_safetensors(str(d / "adapter_model.safetensors"))
+            ts = files.load_safetensors(str(d / "adapter_model.safetensors"))
             edit_tensors(ts)
-            t5.save_safetensors(ts, str(d / "adapter_model.safetensors"))  # no fingerprint: like a PEFT file
+            files.save_safetensors(ts, str(d / "adapter_model.safetensors"))  # no fingerprint: like a PEFT file
         if raw is not None:
             (d / "adapter_model.safetensors").write_bytes(raw)
         with pytest.raises(InputError) as e:
@@ -185,8 +185,8 @@ def test_save_load_roundtrip_and_errors(tmp_path):
     assert "unsupported" in broken(edit_config=lambda c: c.update(use_dora=True))
     with pytest.raises(InputError, match="another base model"):
         lora.load_adapter(Toy(seed=1).eval(), tmp_path / "b", "b")
-    ts = t5.load_safetensors(str(tmp_path / "b" / "adapter_model.safetensors"))
-    t5.save_safetensors(ts, str(tmp_path / "b" / "adapter_model.safetensors"))  # without fingerprint (PEFT's files)
+    ts = files.load_safetensors(str(tmp_path / "b" / "adapter_model.safetensors"))
+    files.save_safetensors(ts, str(tmp_path / "b" / "adapter_model.safetensors"))  # without fingerprint (PEFT's files)
     lora.load_adapter(Toy(seed=1).eval(), tmp_path / "b", "b")
     with pytest.raises(InputError, match="unknown adapter"):
         lora.set_adapter(model, "zzz")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rewards
-from t5 import InputError
+from files import InputError
 
 
 # ----------------------------------------------------------------------------- rewards.py
@@ -68,6 +68,7 @@ import json  # noqa: E402
 
 import lora  # noqa: E402
 import search  # noqa: E402
+import files
 import t5  # noqa: E402
 from test_search import Tok as WordTokenizer  # noqa: E402  (words <-> hashed ids, tensors on `device`)
 
@@ -129,7 +130,7 @@ def test_run_search_defaults_write_search_json_with_5_iterations(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     names = ["reflection", "empathy", "fluency"]
     result = search.run_search(peak_objective, names)
-    stored = t5.read_json("search.json")
+    stored = files.read_json("search.json")
     assert stored["objectives"] == names and stored["num_iterations"] == 5 and stored["meta"] is None
     assert len(stored["iterations"]) == 5 and len(result["iterations"]) == 5
     assert stored["best_weights"] == search.hierarchical_grid_search(peak_objective, 3)["best_weights"]
@@ -244,7 +245,7 @@ def test_run_search_prints_each_evaluation_and_the_summary(tmp_path, monkeypatch
     best = ",".join(f"{w:.5g}" for w in result["best_weights"])
     assert lines[-1] == (f"best weights ({best}) | mean {result['best_score']:.4f} | {n} distinct evaluations "
                          f"(plain Algorithm 1: 54; memo per ray) | s.json | s.svg")
-    assert t5.read_json("s.json")["best_score"] == result["best_score"]
+    assert files.read_json("s.json")["best_score"] == result["best_score"]
     assert lines[-2 - len(result["pareto"]["front"])].startswith("Pareto front: ")
 
 
@@ -411,8 +412,8 @@ def test_adapter_fingerprint_is_of_the_base_model(tmp_path):
         small.q.weight.fill_(0.02)  # another base: twice the weights, still tiny sums
     with pytest.raises(InputError, match="another base model"):
         lora.load_adapter(small, tmp_path / "a", "a")
-    tensors = t5.load_safetensors(str(tmp_path / "a" / "adapter_model.safetensors"))
-    t5.save_safetensors(tensors, str(tmp_path / "a" / "adapter_model.safetensors"), {lora.FINGERPRINT_KEY: "{not json"})
+    tensors = files.load_safetensors(str(tmp_path / "a" / "adapter_model.safetensors"))
+    files.save_safetensors(tensors, str(tmp_path / "a" / "adapter_model.safetensors"), {lora.FINGERPRINT_KEY: "{not json"})
     with pytest.raises(InputError, match="another base model"):
         lora.load_adapter(TwoLayers(), tmp_path / "a", "a")
 

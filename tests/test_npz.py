@@ -12,7 +12,7 @@ import torch
 
 import lora
 import t5
-from t5 import InputError
+from files import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ("q", "k", "v", "o", "wi", "wo")  # what the authors' utils_lora wraps on T5 v1.0

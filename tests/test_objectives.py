@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rewards
-from t5 import InputError
+from files import InputError
 from test_rewards import CLIENT_PROMPTS, H, PROMPTS, RESPONSES, hf_perplexity, train_bpe, train_wordpiece
 
 LABELS = {0: "advice", 1: "autonomy"}
@@ -229,15 +229,15 @@ def test_the_embedded_default_registers_its_plugged_scorer(tmp_path, monkeypatch
 
 
 def test_same_tensors_same_bytes(tmp_path):
-    """safetensors writes metadata in hash order; t5.save_safetensors sorts it, so --jobs 2 and --jobs 1
+    """safetensors writes metadata in hash order; files.save_safetensors sorts it, so --jobs 2 and --jobs 1
     can give byte-identical adapter files."""
-    import t5
+    import files
     from safetensors import safe_open
     tensors, metadata = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}, {"format": "pt", "zeta": "1", "b": "é\"2"}
-    files = set()
+    written = set()
     for i in range(8):
-        t5.save_safetensors(tensors, str(tmp_path / f"{i}.safetensors"), metadata)
-        files.add((tmp_path / f"{i}.safetensors").read_bytes())
-    assert len(files) == 1
+        files.save_safetensors(tensors, str(tmp_path / f"{i}.safetensors"), metadata)
+        written.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(written) == 1
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata() == metadata and torch.equal(f.get_tensor("a"), tensors["a"])

@@ -88,9 +88,9 @@ def test_kill_9_then_rerun_equals_uninterrupted(assets, tmp_path):
     assert not (tmp_path / "killed" / "reflection-0" / "summary.json").exists()
     emorl("train", "reflection", *flags, cwd=tmp_path)
 
-    import t5
-    straight = t5.load_safetensors(str(tmp_path / "straight" / "reflection-0" / "adapter"))
-    resumed = t5.load_safetensors(str(tmp_path / "killed" / "reflection-0" / "adapter"))
+    import files
+    straight = files.load_safetensors(str(tmp_path / "straight" / "reflection-0" / "adapter"))
+    resumed = files.load_safetensors(str(tmp_path / "killed" / "reflection-0" / "adapter"))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
     def curve(folder):

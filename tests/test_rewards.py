@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import rewards
-import t5
-from t5 import InputError
+import files
+from files import InputError
 
 PROMPTS = ["I feel so alone since my sister moved away.", "Work is fine I guess", "I can't sleep. [SEP] "]
 CLIENT_PROMPTS = ["I feel so alone since my sister moved away.", "Work is fine I guess", "I can't sleep."]  # what HF sees
@@ -124,7 +124,7 @@ def reflection(tmp_path_factory):
     config.to_json_file(str(directory / "config.json"))
     tensors = {k.replace("cross_encoder.", "roberta.").replace("l1.", "head.0.").replace("l2.", "head.2."): v
                for k, v in oracle.state_dict().items()}
-    t5.save_safetensors(tensors, str(directory / "model.safetensors"))
+    files.save_safetensors(tensors, str(directory / "model.safetensors"))
     tokenizer = RobertaTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
     return directory, oracle, tokenizer
 
@@ -253,7 +253,7 @@ def test_convert_dynaopt_checkpoint(reflection, tmp_path):
                        wrap=lambda sd: {"epoch": 3, "state_dict": {"module." + k: v for k, v in sd.items()}})
     wrapped = rewards.convert_checkpoint(str(tmp_path / "wrapped.pt"), str(tmp_path / "wrapped.safetensors"))
     assert [v for _, v in wrapped] == [v for _, v in table]
-    assert t5.load_safetensors(str(tmp_path / "wrapped.safetensors")).keys() == t5.load_safetensors(str(tmp_path / "out")).keys()
+    assert files.load_safetensors(str(tmp_path / "wrapped.safetensors")).keys() == files.load_safetensors(str(tmp_path / "out")).keys()
 
 
 def test_convert_errors(reflection, tmp_path):
@@ -286,9 +286,9 @@ def copy_dir(src, dst):
 
 def edit_weights(directory, edit):
     path = str(directory / "model.safetensors")
-    tensors = t5.load_safetensors(path)
+    tensors = files.load_safetensors(path)
     edit(tensors)
-    t5.save_safetensors(tensors, path)
+    files.save_safetensors(tensors, path)
 
 
 def test_nan_score_is_an_input_error(reflection, tmp_path):
@@ -325,9 +325,9 @@ def test_vocab_embedding_mismatch(name, key, reflection, empathy, fluency, tmp_p
     """A model whose embedding has 8 more rows than its tokenizer has tokens (wrong vocab file)."""
     source = {"reflection": reflection, "empathy": empathy, "fluency": fluency}[name][0]
     directory = copy_dir(source, tmp_path / name)
-    config = t5.read_json(str(directory / "config.json"))
+    config = files.read_json(str(directory / "config.json"))
     config["vocab_size"] += 8
-    t5.write_json(str(directory / "config.json"), config)
+    files.write_json(str(directory / "config.json"), config)
     edit_weights(directory, lambda t: t.update({key: torch.cat([t[key], torch.zeros(8, H)])}))
     with pytest.raises(InputError, match=r"the tokenizer has \d+ tokens but the word embedding has \d+ rows"):
         rewards.SCORERS[name].from_dir(str(directory))

@@ -14,6 +14,7 @@ import torch
 
 import lora
 import scst
+import files
 import t5
 from data import Example
 
@@ -356,8 +357,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
     scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(max_steps=7, val_every=2),
                str(tmp_path / "resumed"))
 
-    straight = t5.load_safetensors(str(tmp_path / "straight" / "adapter"))
-    resumed = t5.load_safetensors(str(tmp_path / "resumed" / "adapter"))
+    straight = files.load_safetensors(str(tmp_path / "straight" / "adapter"))
+    resumed = files.load_safetensors(str(tmp_path / "resumed" / "adapter"))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert curve(tmp_path / "straight") == curve(tmp_path / "resumed")
@@ -407,7 +408,7 @@ def test_resume_refuses_a_changed_setting(tiny, tmp_path, change):
     os.remove(tmp_path / "summary.json")
     if change.pop("data", False):
         train = examples(9)
-    with pytest.raises(t5.InputError) as error:
+    with pytest.raises(files.InputError) as error:
         scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(max_steps=4, **change),
                    str(tmp_path))
     flag = "--" + next(iter(change)).replace("_", "-") if change else "training/validation prompts"
@@ -424,7 +425,7 @@ def test_resume_may_grow_max_steps_and_refuses_another_objective(tiny, tmp_path)
     assert summary["steps"] == 4 and len(curve(tmp_path / "a")) == 4 + 3
     os.makedirs(tmp_path / "b")
     os.replace(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
-    with pytest.raises(t5.InputError, match="objective reflection, not empathy"):
+    with pytest.raises(files.InputError, match="objective reflection, not empathy"):
         scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(objective="empathy"),
                    str(tmp_path / "b"))
 
@@ -456,9 +457,9 @@ def test_progress_bar_closes_at_the_true_end(tiny, tmp_path, capsys):
 def test_nan_reward_and_empty_split_are_input_errors(tiny, tmp_path):
     model, tokenizer = tiny
     nan_scorers = dict(SCORERS, reflection=lambda p, r: torch.full((len(r),), float("nan")))
-    with pytest.raises(t5.InputError, match="NaN|nan|finite"):
+    with pytest.raises(files.InputError, match="NaN|nan|finite"):
         scst.train(copy.deepcopy(model), tokenizer, nan_scorers, examples(4), ["a"], make_args(), str(tmp_path / "nan"))
-    with pytest.raises(t5.InputError, match="training split is empty"):
+    with pytest.raises(files.InputError, match="training split is empty"):
         scst.train(copy.deepcopy(model), tokenizer, SCORERS, [], ["a"], make_args(), str(tmp_path / "empty"))
 
 

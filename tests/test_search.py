@@ -13,8 +13,9 @@ import torch
 import lora
 import report
 import search
+import files
 import t5
-from t5 import InputError
+from files import InputError
 
 NAMES = ["reflection", "empathy", "fluency"]
 
@@ -386,17 +387,17 @@ def test_run_search_writes_log_resumes_and_reports(tmp_path, capsys):
         return cosine_objective(peak)(w)
     with pytest.raises(KeyboardInterrupt):
         search.run_search(dying, NAMES, str(out), iterations=3, meta=meta)
-    assert len(t5.read_json(str(out))["evaluations"]) == 25  # written after every evaluation
+    assert len(files.read_json(str(out))["evaluations"]) == 25  # written after every evaluation
     calls = []
     final = search.run_search(cosine_objective(peak, calls), NAMES, str(out), iterations=3, svg_path=str(svg), meta=meta)
     reference = search.hierarchical_grid_search(cosine_objective(peak), 3, iterations=3)
     assert final["best_weights"] == reference["best_weights"] and len(calls) == len(reference["evaluations"]) - 25
-    stored = t5.read_json(str(out))
+    stored = files.read_json(str(out))
     assert stored["best_weights"] == reference["best_weights"] and stored["pareto"]["front"]
     assert ET.fromstring(svg.read_text()).tag.endswith("svg")
     captured = capsys.readouterr()
     printed = captured.out
-    assert f"100%|" in captured.err.splitlines()[-1] or "100%|" in captured.err.split("\r")[-1]  # bar closed at its end
+    assert "100%|" in captured.err.splitlines()[-1] or "100%|" in captured.err.split("\r")[-1]  # bar closed at its end
     assert "resuming: 25 evaluations" in printed and "Pareto front" in printed and "hypervolume" in printed
     line = report.format_evaluation(12, 102, {"weights": [0.75, 0.5, 0.0], "scores": [0.8123, 0.655, 0.7011],
                                               "mean": 0.7228, "seconds": 1.23}, NAMES)

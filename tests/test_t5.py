@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import files
 import t5
 
 transformers = pytest.importorskip("transformers")
@@ -71,7 +72,7 @@ def save_hf(model, spiece_path, folder, family):
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
         state["decoder.embed_tokens.weight"] = state["shared.weight"].clone()
-        t5.save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
+        files.save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
     return str(folder)
 
 
@@ -213,7 +214,7 @@ def test_save_t5_leaves_adapters_out(spiece, tmp_path):
     model = t5.T5ForConditionalGeneration(t5.T5Config(**{**TINY, "num_decoder_layers": 2}))
     model.encoder.block[0].layer[0].SelfAttention.q.lora_A = torch.nn.ParameterDict({"x": torch.zeros(2, 32)})
     t5.save_t5(model, spiece, tmp_path)
-    assert not [k for k in t5.load_safetensors(str(tmp_path)) if "lora" in k]
+    assert not [k for k in files.load_safetensors(str(tmp_path)) if "lora" in k]
     t5.load_t5(str(tmp_path))
 
 
@@ -287,13 +288,13 @@ def good_dir(spiece, tmp_path):
 
 def rewrite_tensors(folder, edit):
     path = os.path.join(folder, "model.safetensors")
-    tensors = t5.load_safetensors(path)
+    tensors = files.load_safetensors(path)
     edit(tensors)
-    t5.save_safetensors(tensors, path)
+    files.save_safetensors(tensors, path)
 
 
 def expect_error(folder, *words):
-    with pytest.raises(t5.InputError) as info:
+    with pytest.raises(files.InputError) as info:
         t5.load_t5(folder)
     message = str(info.value)
     assert "\n" not in message and all(w in message for w in words), message
@@ -358,15 +359,15 @@ def test_config_reads_act_keys_without_feed_forward_proj(tmp_path):
     config = t5.T5Config.from_json(str(path))
     assert config.feed_forward_proj == "relu" and config.scale_decoder_outputs and config.tie_word_embeddings
     path.write_text(json.dumps({**base, "feed_forward_proj": "relu", "is_gated_act": True, "dense_act_fn": "gelu_new"}))
-    with pytest.raises(t5.InputError, match="contradicts"):
+    with pytest.raises(files.InputError, match="contradicts"):
         t5.T5Config.from_json(str(path))
 
 
 def test_atomic_write_gives_a_whole_file_with_the_usual_mode(tmp_path):
     import os
     path = tmp_path / "out.json"
-    t5.write_json(str(path), {"a": 1})
-    t5.write_json(str(path), {"b": 2})                       # replaces, never appends or leaves a temp file
+    files.write_json(str(path), {"a": 1})
+    files.write_json(str(path), {"b": 2})                       # replaces, never appends or leaves a temp file
     assert path.read_text() == '{\n  "b": 2\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
     umask = os.umask(0)
@@ -431,7 +432,7 @@ def test_mt5_follows_hf_family_rule(spiece, tmp_path, layout):
         (tmp_path / "config.json").write_text(json.dumps(config))
         state = {k: v.clone() for k, v in hf.state_dict().items()}  # no shared storage in a safetensors file
         state["lm_head.weight"] = torch.randn(VOCAB, 32) * 32 ** -0.5
-        t5.save_safetensors(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        files.save_safetensors(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     hf = transformers.MT5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
     ours, _ = t5.load_t5(str(tmp_path))
     assert not ours.config.scale_decoder_outputs
@@ -455,20 +456,20 @@ def test_safetensors_files_are_byte_identical_across_processes(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys, torch, t5\n"
+    script = ("import sys, torch, files\n"
               "g = torch.Generator().manual_seed(0)\n"
               "tensors = {'b.weight': torch.randn(3, 4, generator=g), 'a.bias': torch.arange(5), 'c': torch.ones(2, dtype=torch.bfloat16)}\n"
-              "t5.save_safetensors(tensors, sys.argv[1], metadata={f'key{i}': f'value {i}' for i in range(7)} | {'format': 'pt'})\n")
+              "files.save_safetensors(tensors, sys.argv[1], metadata={f'key{i}': f'value {i}' for i in range(7)} | {'format': 'pt'})\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    files = [tmp_path / f"{i}.safetensors" for i in range(2)]
-    for file in files:
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for file in paths:
         subprocess.run([sys.executable, "-c", script, str(file)], check=True, cwd=root, timeout=120)
-    assert files[0].read_bytes() == files[1].read_bytes()
+    assert paths[0].read_bytes() == paths[1].read_bytes()
     from safetensors import safe_open
-    with safe_open(str(files[0]), "pt") as f:
+    with safe_open(str(paths[0]), "pt") as f:
         assert f.metadata() == {**{f"key{i}": f"value {i}" for i in range(7)}, "format": "pt"}
         assert torch.equal(f.get_tensor("a.bias"), torch.arange(5))
-    assert (len(files[0].read_bytes()) - 8 - int.from_bytes(files[0].read_bytes()[:8], "little")) == 3 * 4 * 4 + 5 * 8 + 2 * 2
+    assert (len(paths[0].read_bytes()) - 8 - int.from_bytes(paths[0].read_bytes()[:8], "little")) == 3 * 4 * 4 + 5 * 8 + 2 * 2
 
 
 def test_t5_folder_saved_by_transformers_5_without_spiece_model(good_dir):

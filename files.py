@@ -1,0 +1,152 @@
+"""Strict, atomic file helpers shared by every module: one error type for bad input, JSON and
+safetensors read/write that never leave half a file, and the strict state-dict copy every loader uses.
+
+Why a module of its own: t5.py, bert.py, gpt2.py, lora.py, rewards.py, scst.py, search.py and emorl.py
+all read or write checkpoints and results the same way; kept in t5.py these helpers made the model file
+longer than one sitting. Nothing here knows about EMORL or the paper.
+
+Conventions (README "Reliability"): bad input raises `InputError` with a message that names the file,
+key or value; `emorl.main` prints it on one line and exits with status 2. Every result file is written by
+`atomic_write` (temporary file in the same folder + fsync + rename), so a kill never leaves half a file,
+and `remove_stale_temporaries` deletes what a kill between write and rename left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+
+class InputError(ValueError):
+    """Something the user handed us is wrong (file, key, shape, value). The command line prints
+    the message on one line and exits with status 2."""
+
+
+def read_json(path):
+    """Parse a JSON file; a missing or malformed file is an InputError naming it."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: malformed JSON ({e})") from None
+
+
+TEMPORARY_PREFIX = ".tmp-"  # atomic_write's temporary files: .tmp-<name><random>, renamed to <name> when whole
+
+
+def atomic_write(path, data: bytes | str):
+    """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX + os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would have
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_stale_temporaries(folder, names=None) -> list[str]:
+    """Delete the temporary files a kill between write and rename left in `folder`: every .tmp-* file,
+    or only those of the files named in `names` when the folder is shared (e.g. the working directory).
+    Call it at start-up of the run that owns these files. Returns the removed paths."""
+    if not os.path.isdir(folder):
+        return []
+    prefixes = [TEMPORARY_PREFIX + name for name in names] if names is not None else [TEMPORARY_PREFIX]
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if any(entry.startswith(p) for p in prefixes) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def check_writable(folder, what=None):
+    """Fail early (InputError naming `what`, e.g. "--out search.json") unless `folder` can be created and
+    written: probe its nearest existing ancestor with a real temporary file, so a read-only mount counts
+    even for root."""
+    what = what or f"output folder {folder}"
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{what}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=TEMPORARY_PREFIX + "probe"):
+            pass
+    except OSError as e:
+        raise InputError(f"{what}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """Read every tensor of a .safetensors file (or of all *.safetensors files in a folder)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+        if not files:
+            raise InputError(f"{path}: no *.safetensors file in this folder")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise InputError(f"{path}: file not found")
+    tensors = {}
+    for file in files:
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    return tensors
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None):
+    """Write a .safetensors file atomically; the same tensors and metadata always give the same bytes."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    # The library keeps __metadata__ in a hash map whose order changes from process to process: rewrite
+    # the JSON header with those keys sorted (the tensor entries and the data offsets stay as they are).
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    atomic_write(path, len(text).to_bytes(8, "little") + text + data[8 + size:])
+
+
+def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str):
+    """Copy `tensors` (already renamed to the module's own keys) into `module`.
+
+    Every key is accounted for: a missing, unexpected or mis-shaped tensor is an InputError that names
+    the key and the file, never a silent partial load."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise InputError(f"{source}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise InputError(f"{source}: unexpected key {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise InputError(f"{source}: key {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
