@@ -288,10 +288,16 @@ def run_module(module, jobs, show_survivors, baseline=False):
     proc = mutmut(work, "run", "--max-children", str(jobs), *patterns)
     seconds = time.time() - start
     meta = work / "mutants" / f"{module}.py.meta"
-    if not meta.exists():
-        sys.exit(f"error: mutmut produced no results for {module}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    # mutmut first runs the selected tests unmutated (twice, in one process: once to map tests to functions,
+    # once clean); if that fails it stops with "Failed to run clean test" and leaves every mutant unchecked
+    # (status None). Stop here with its output instead of reporting a table of unchecked mutants.
+    codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
     codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    if proc.returncode or not codes or any(code is None for code in codes.values()):
+        log = "\n".join(line.rpartition("\r")[2] for line in (proc.stdout + proc.stderr).splitlines())
+        unchecked = sum(code is None for code in codes.values())
+        sys.exit(f"error: mutmut run for {module} failed (exit status {proc.returncode}, {len(codes)} mutants, "
+                 f"{unchecked} not checked); its output ends:\n{log[-4000:]}")
     mutants = []
     alive = diffs(work, [name for name, code in codes.items() if STATUS.get(code) in ("survived", "no tests")])
     for name, code in sorted(codes.items(), key=lambda kv: (kv[0].partition("__mutmut_")[0],

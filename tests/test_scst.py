@@ -403,6 +403,7 @@ def test_dynaopt_run_logs_the_weights_of_every_step(tiny, tmp_path):
                                     dict(cv_tolerance=0.02), dict(max_new_tokens=6), dict(data=True)])
 def test_resume_refuses_a_changed_setting(tiny, tmp_path, change):
     model, tokenizer = tiny
+    change = dict(change)   # a copy: pytest hands every run of this process the same parameter dict
     train, validation = examples(8), [e.prompt for e in examples(2)]
     scst.train(copy.deepcopy(model), tokenizer, SCORERS, train, validation, make_args(max_steps=2), str(tmp_path))
     os.remove(tmp_path / "summary.json")
