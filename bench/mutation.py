@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Names are "function" or "Class.method" (fnmatch patterns). Missing test files are skipped, so a file
 # added later (tests/test_evaluate.py) is picked up.
 MODULES = {
-    "rewards": (["tests/test_rewards.py"], None,
+    "rewards": (["tests/test_rewards.py", "tests/test_objectives.py"], None,
                 # checkpoint loading / conversion and model construction: file plumbing, checked against
                 # Hugging Face and by the error tests, not a stated behaviour of the method
                 ["load_distilbert_classifier", "*.from_dir", "convert_checkpoint", "checkpoint_key", "_unwrap",
@@ -55,7 +55,7 @@ MODULES = {
                # the SVG figure's drawing (coordinates, colours); test_search checks its structure
                ["search_svg", "_subpanel", "_colourbar", "colour"]),
     "search": (["tests/test_search.py"], None, []),
-    "lora": (["tests/test_lora.py"], None, []),
+    "lora": (["tests/test_lora.py", "tests/test_npz.py"], None, []),
     "scst": (["tests/test_scst.py"],
              # the pure maths of §4 / SPEC §2 and the DynaOpt bandit; the training loop, checkpoints and
              # validation (train, scst_step, TrainingRun, validate) are exercised end to end by test_scst
@@ -70,6 +70,9 @@ MODULES = {
             "KVCache.*"], []),
 }
 COMMON_TESTS = ["tests/test_mutants.py"]  # the tests written to kill surviving mutants
+# End-to-end tests in a selected file, deselected: they run emorl.py in subprocesses (mutmut cannot see which
+# function they call) and take over a minute; the file's in-process tests check the same functions.
+DESELECT = ["tests/test_objectives.py::test_add_an_objective_train_it_alone_search_d_2_and_4_evaluate"]
 
 # Surviving mutants that cannot change behaviour: (function, mutated line as mutmut writes it, why).
 # The line is matched after stripping whitespace; "*" wildcards are allowed.
@@ -78,6 +81,8 @@ EQUIVALENT = [
      "ppl = exp(mean NLL) >= 1, so (50 - ppl) / 50 <= 0.98: the upper clip at 1 never binds"),
     ("rewards.FluencyScorer._perplexity", "input_ids, attention_mask = self.tokenizer.pad(rows, 1, self.device)",
      "the pad id fills right-padding that the attention mask and the per-row NLL ignore"),
+    ("rewards.ClassifierScorer.score_batch", "return logits.float().softmax(dim=+1)[:, self.label]",
+     "logits are [B, labels]: dim 1 is dim -1"),
     ("rewards.ReflectionModel.forward", "return torch.sigmoid(self.head(cls)).squeeze(+1)",
      "the head's output is [N, 1]: squeeze(1) is squeeze(-1)"),
     ("report.hypervolume", "return _hypervolume([p for p in points if all(x >= r for x, r in zip(p, ref))], ref)",
@@ -113,6 +118,38 @@ EQUIVALENT = [
      "row indices are integers (adapter_major_rows, int lists): as_tensor infers int64"),
     ("lora._same_base", "abs(a - c) < 0.02 * max(b, d) + 1e-12 for*",
      "< or <= at exactly the 2 % tolerance: a float tie no real base hits"),
+    ("evaluate.evaluate", "for training_seed, method in tqdm(*", "progress bar display (label, unit)"),
+    ("evaluate.generate_texts", "sampling = dict(do_sample=generator is not None, top_k=TOP_K if (generator is not None) or True else 0, generator=generator)",
+     "greedy decoding (no generator) takes the argmax: top_k is read only when sampling"),
+    ("evaluate.generate_texts", "sampling = dict(do_sample=generator is not None, top_k=TOP_K if generator is not None else 1, generator=generator)",
+     "greedy decoding (no generator) takes the argmax: top_k is read only when sampling"),
+    ("evaluate.seed_order", 'return (0, seed, "XXXX") if isinstance(seed, int) else (1, 0, str(seed))',
+     "only the order of the keys is used: every integer seed gets the same third element"),
+    ("evaluate.seed_order", 'return (0, seed, "") if isinstance(seed, int) else (2, 0, str(seed))',
+     "labels still sort after the integer seeds (2 > 0, as 1 > 0)"),
+    ("evaluate.seed_order", 'return (0, seed, "") if isinstance(seed, int) else (1, 1, str(seed))',
+     "every label gets the same middle element: labels still sort by their text"),
+    ("lora._targeted", 'if isinstance(targets, str) and targets.*() != "*":',
+     'this test only decides whether to compile the string; "all-linear" is a valid regex and match() tests the shorthand itself'),
+    ("lora.LoRALinear._concatenated", "return A, B, (rows[:, None] == owner).to(None)",
+     "a bool mask multiplies the float activations as 0 / 1 (type promotion): the same values and dtype"),
+    ("t5.generate", "cache = None", "decode() then makes the cache itself (capacity 64, grown on demand): the same keys and values"),
+    ("t5.generate", "cache = KVCache(len(model.decoder.block), )",
+     "the capacity only sets when the cache buffers grow (doubling): the same keys, values and tokens"),
+    ("t5.KVCache.__init__", "def __init__(self, num_layers, capacity=65):",
+     "the capacity only sets when the cache buffers grow: the same keys, values and tokens"),
+    ("t5.KVCache.append", "if self.self_k[layer] is None or end >= self.self_k[layer].shape[2]:",
+     "growing a full buffer one token early copies the same keys and values"),
+    ("t5.T5ForConditionalGeneration.decode", "cache = KVCache(len(dec.block), )",
+     "a longer input grows the cache at once (capacity 2 (past + new)): the same keys and values"),
+    ("t5.T5ForConditionalGeneration.decode", "if past + new >= cache.capacity:*",
+     "growing one token early: the relative position bias is the same slice of a larger square"),
+    ("t5.T5ForConditionalGeneration.decode", "cache.capacity, cache.position_bias = 3 * (past + new), None",
+     "a larger capacity: the relative position bias is the same slice of a larger square"),
+    ("t5.T5ForConditionalGeneration.decode", "bias = dec.block[0].layer[0].SelfAttention.position_bias(size, size).to(None)",
+     "the bias embedding has the model's dtype (a model is cast whole), so the cast is a no-op"),
+    ("t5.T5LayerSelfAttention.forward", "def forward(self, x, bias, cache=None, layer=1):",
+     "the layer index is read only with a cache, and decode() always passes it"),
     ("t5.decode_loop", "tokens = torch.full((batch_size, max_new_tokens), pad_id, device=device)",
      "an int fill value makes torch.full int64, as dtype=torch.long does"),
     ("t5.decode_loop", "tokens = torch.full((batch_size, max_new_tokens), pad_id, dtype=None, device=device)",
@@ -221,6 +258,7 @@ def prepare(module, work, tests):
         "source_paths =\n" + "".join(f"    {p}\n" for p in top + dirs) +
         f"only_mutate = {module}.py\n"
         "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests) +
+        "".join(f"    --deselect\n    {node}\n" for node in DESELECT if node.partition("::")[0] in tests) +
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -x\n"
         # fork from the process that ran the tests once: torch and the HF oracles are imported already
         "process_isolation = fork\n"

@@ -2,7 +2,9 @@
 
 Each test checks a property of a public function against hand-computed values or an independent
 oracle; the comment says which claim it protects. Fast: tiny tensors and tiny random models only."""
+import copy
 import math
+import re
 
 import pytest
 import torch
@@ -29,6 +31,61 @@ def test_scorer_count_mismatch_names_the_scorer_and_counts():
     """A bad input is a one-line error that names the problem."""
     with pytest.raises(InputError, match=r"^fluency scorer: 2 prompts but 1 responses$"):
         rewards.FluencyScorer(None, None)(["a", "b"], ["x"])
+
+
+class RecordingTokenizer:
+    """Stands in for the scorers' tokenizers: records each batch call's (kind, max_length, device)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _batch(self, kind, prompts, responses, max_length, device):
+        self.calls.append((kind, max_length, device))
+        return {"input_ids": torch.zeros(len(prompts), 2, dtype=torch.long),
+                "attention_mask": torch.ones(len(prompts), 2, dtype=torch.long)}
+
+    def batch_encode_roberta(self, prompts, responses, max_length=None, device="unset"):
+        return self._batch("roberta", prompts, responses, max_length, device)
+
+    def batch_encode(self, prompts, responses, max_length=None, device="unset"):
+        return self._batch("bert", prompts, responses, max_length, device)
+
+    def encode(self, text):
+        return [5] * len(text.split())
+
+    def pad(self, rows, pad_id, device="unset"):
+        self.calls.append(("pad", pad_id, device))
+        return torch.zeros(len(rows), 2, dtype=torch.long), torch.ones(len(rows), 2, dtype=torch.long)
+
+
+def test_scorers_cap_at_512_tokens_and_put_inputs_on_their_device(monkeypatch):
+    """The scorers' encoders read at most 512 tokens (BERT / RoBERTa's usual context; RoBERTa's positions
+    start after its pad id) or their own smaller context, and every batch is made on the scorer's device."""
+    from types import SimpleNamespace
+    logits = lambda n, k: torch.zeros(n, k)  # noqa: E731
+    for positions, expected in ((600, 512), (100, 98)):
+        config = SimpleNamespace(max_position_embeddings=positions, pad_token_id=1, model_type="roberta")
+        model = lambda input_ids, attention_mask, **_: torch.zeros(input_ids.shape[0])  # noqa: E731
+        model.roberta = SimpleNamespace(config=config)
+        tok = RecordingTokenizer()
+        rewards.ReflectionScorer(model, tok, device="cuda:1")(["a"], ["b"])
+        assert tok.calls == [("roberta", expected, "cuda:1")]
+        model = lambda input_ids, attention_mask, **_: logits(input_ids.shape[0], 2)  # noqa: E731
+        model.config = config
+        tok = RecordingTokenizer()
+        rewards.ClassifierScorer(model, tok, device="cuda:1", label=0)(["a"], ["b"])
+        assert tok.calls == [("roberta", expected, "cuda:1")]
+    for positions, expected in ((600, 512), (100, 100)):
+        model = lambda input_ids, attention_mask, **_: logits(input_ids.shape[0], 1)  # noqa: E731
+        model.config = SimpleNamespace(max_position_embeddings=positions, pad_token_id=0, model_type="bert")
+        tok = RecordingTokenizer()
+        rewards.ClassifierScorer(model, tok, device="cuda:1")(["a"], ["b"])
+        assert tok.calls == [("bert", expected, "cuda:1")]
+    monkeypatch.setattr(rewards.gpt2, "sequence_nll", lambda model, ids, mask: torch.zeros(ids.shape[0]))
+    tok = RecordingTokenizer()
+    model = SimpleNamespace(config=SimpleNamespace(n_positions=64))
+    assert rewards.FluencyScorer(model, tok, device="cuda:1").perplexity(["a b"], ["c"]).tolist() == [1.0]
+    assert tok.calls == [("pad", 0, "cuda:1")]
 
 
 # ----------------------------------------------------------------------------- report.py
@@ -61,6 +118,16 @@ def test_pareto_report_and_its_printout():
         "  w=(1.000,1.000) | x 0.700 y 0.700 | mean 0.700\n"
         "  w=(1.000,0.000) | x 0.900 y 0.100 | mean 0.500\n"
         "  w=(0.000,1.000) | x 0.200 y 0.800 | mean 0.500")
+
+
+def test_slice_grid_places_each_slice_of_figure_5():
+    """Figure 5 for any d: slice (w3..wd) goes to (sub-row, column), column = w3's value, sub-row = the
+    values of w4..wd read as a base-3 number, most significant first."""
+    assert report.slice_grid(2) == {(): (0, 0)}
+    assert report.slice_grid(3) == {(0,): (0, 0), (1,): (0, 1), (2,): (0, 2)}
+    d5 = report.slice_grid(5)
+    assert len(d5) == 27 and d5[(0, 0, 0)] == (0, 0) and d5[(2, 0, 1)] == (1, 2) and d5[(1, 1, 0)] == (3, 1)
+    assert d5[(0, 2, 2)] == (8, 0) and sorted(set(d5.values())) == [(r, c) for r in range(9) for c in range(3)]
 
 
 # ----------------------------------------------------------------------------- search.py
@@ -485,6 +552,167 @@ def test_mean_std_and_tables():
     assert lines[3] == "reflection,greedy,1,1,0.5,,0.25,,0.75,,0.5,,0.8,,0.9,,3200,,99.6,"
 
 
+def test_find_runs_reads_the_seed_after_the_last_dash(tmp_path):
+    """<method>-<seed>: the seed is the text after the last dash, whatever the method's name holds."""
+    for folder in ("four-objectives-3", "reflection-authors"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "summary.json").write_text("{}")
+    assert evaluate.find_runs(str(tmp_path)) == {3: {"four-objectives": str(tmp_path / "four-objectives-3")},
+                                                 "authors": {"reflection": str(tmp_path / "reflection-authors")}}
+
+
+def test_seed_order_puts_integers_first_in_numeric_order_then_labels():
+    assert sorted(["b", 10, "a", 2, 0], key=evaluate.seed_order) == [0, 2, 10, "a", "b"]
+
+
+def test_search_json_checks_name_the_source_and_accept_a_plain_result():
+    """One-line errors name the file (default "search result") and what was found; a search.json without
+    evaluations (no search time recorded) is accepted; every evaluation needs numeric seconds."""
+    with pytest.raises(InputError, match=r"^search result: expected a JSON object \(a search result\), got list$"):
+        evaluate.check_search([], ("a", "b"))
+    assert evaluate.check_search({"best_weights": [1, 3]}, ("a", "b")) == [1.0, 3.0]
+    with pytest.raises(InputError, match="numeric seconds"):
+        evaluate.check_search({"best_weights": [1, 3], "evaluations": [{"seconds": "2"}]}, ("a", "b"))
+    assert evaluate.searched_objectives({"objectives": ["b", "a"]}, ["a", "b", "c"]) == ["b", "a"]
+    for result in (None, [], {}, {"objectives": []}, {"objectives": [1, 2]}, {"objectives": "ab"}):
+        assert evaluate.searched_objectives(result, ("a", "b")) == ["a", "b"]
+
+
+@pytest.fixture
+def recorded_evaluate(tmp_path, monkeypatch):
+    """evaluate() with generate_texts, load_adapter and torch.Generator recording their arguments (the
+    decoding itself is checked against t5.generate / ensemble_generate in test_evaluate.py): returns
+    (call evaluate with a runs folder of finished runs {folder: (data points, seconds)}, the calls)."""
+    calls = []
+
+    class Generator:
+        def __init__(self, device=None):
+            self.device = device
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+    def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, aggregate=None, generator=None):
+        calls.append(dict(model=model, prompts=list(prompts), batch_size=batch_size, device=device, adapter=adapter,
+                          aggregate=aggregate, generator=None if generator is None else (generator.device, generator.seed)))
+        return [f"reply number {len(calls)} to {p}" for p in prompts]
+
+    monkeypatch.setattr(evaluate, "generate_texts", generate_texts)
+    monkeypatch.setattr(evaluate.lora, "load_adapter", lambda model, path, name: model.append(name))
+    monkeypatch.setattr(torch, "Generator", Generator)
+
+    def call(runs, search_result=None, **kwargs):
+        for folder, (points, seconds) in runs.items():
+            (tmp_path / folder).mkdir()
+            (tmp_path / folder / "summary.json").write_text(json.dumps({"data_points": points, "wall_seconds": seconds}))
+        scorers = {"alpha": lambda p, r: torch.full((len(r),), 0.25), "beta": lambda p, r: torch.full((len(r),), 0.5)}
+        return evaluate.evaluate(lambda: ([], "tokenizer"), scorers, ["i feel sad", "work is hard"], str(tmp_path),
+                                 search_result, objectives=("alpha", "beta"), **kwargs)
+    return call, calls
+
+
+def test_evaluate_protocol_defaults(recorded_evaluate, capsys):
+    """The command's protocol with evaluate()'s defaults: batches of 16 on the given device; every seed's
+    runs, integer seeds in numeric order then labels; single policies sampled 3 times with generator seeds
+    0, 1, 2 (on the device), the logit and hidden levels greedy once, with the search's own objective order;
+    Eq. (3) consumption (T_agg counts evaluations that recorded seconds), once per training seed; a
+    printed line per run."""
+    call, calls = recorded_evaluate
+    runs = {"alpha-10": (1000, 20.0), "beta-10": (1200, 30.0), "alpha-2": (500, 5.0), "beta-2": (700, 9.0),
+            "alpha-authors": (None, None)}
+    search_result = {"objectives": ["beta", "alpha"], "best_weights": [0.25, 0.75],
+                     "evaluations": [{"weights": [1, 0], "seconds": 3.0}, {"weights": [0, 1]}]}
+    results = call(runs, search_result)
+    seeds = [2, 10]
+    jobs = ([(None, "base")] + [(s, m) for s in seeds for m in ("alpha", "beta")] + [("authors", "alpha")]
+            + [(s, level) for s in seeds for level in ("param", "logit", "hidden")])
+    expected = []
+    for s, method in jobs:
+        adapters = [] if method == "base" else ["beta", "alpha"] if method in evaluate.LEVELS else [method]
+        greedy = method in ("logit", "hidden")
+        for run in range(1 if greedy else 3):
+            expected.append(dict(model=adapters, prompts=["i feel sad", "work is hard"], batch_size=16, device="cpu",
+                                 adapter=None if method == "base" else method,
+                                 aggregate=(["beta", "alpha"], [0.25, 0.75], method) if method in evaluate.LEVELS else None,
+                                 generator=None if greedy else ("cpu", run)))
+    assert calls == expected
+    assert [(r["seed"], r["run"], r["decoding"]) for r in results["alpha"]] == [
+        (s, run, "top-50 sample") for s in (2, 10, "authors") for run in range(3)]
+    assert [(r["seed"], r["decoding"]) for r in results["hidden"]] == [(2, "greedy"), (10, "greedy")]
+    assert [(r.get("data points"), r.get("seconds")) for r in results["alpha"]] == [
+        (500, 5.0), (None, None), (None, None), (1000, 20.0), (None, None), (None, None), (None, None), (None, None),
+        (None, None)]
+    assert [(r["data points"], r["seconds"]) for r in results["param"] if r["run"] == 0] == [(700, 12.0), (1200, 33.0)]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(expected)
+    assert re.fullmatch(r"hidden \(seed 10, run 0\) \| alpha 0\.2500 \| beta 0\.5000 \| average 0\.3750 \| "
+                        r"diversity-2 \d\.\d{4} \| edit rate \d\.\d{4} \| data points 1,200 \| seconds 33", lines[-1])
+
+
+def test_evaluate_inputs(recorded_evaluate):
+    """One-line errors for an empty split, a missing scorer and no generation run; one run and no search
+    (no aggregated methods) are fine."""
+    call, calls = recorded_evaluate
+    with pytest.raises(InputError, match="^the inference split is empty: give more data or a larger --sample$"):
+        evaluate.evaluate(None, {}, [], "runs", None)
+    with pytest.raises(InputError, match="^no scorer for objective 'empathy'$"):
+        evaluate.evaluate(None, {"reflection": None, "fluency": None}, ["p"], "runs", None)
+    with pytest.raises(InputError, match="^generation runs must be >= 1, got 0$"):
+        call({}, generation_runs=0)
+    results = call({"alpha-0": (1, 1.0)}, generation_runs=1, seed=7, device="cuda:1")
+    assert list(results) == ["base", "alpha"] and [c["generator"] for c in calls] == [("cuda:1", 7), ("cuda:1", 7)]
+    assert [c["device"] for c in calls] == ["cuda:1", "cuda:1"]
+
+
+def test_generate_texts_samples_top_50_and_aggregates_at_the_given_level(monkeypatch):
+    """The evaluation's decoding (el_test.py's protocol): with a generator, top-50 sampling at temperature 1
+    (the vocabulary here is larger than 50, so top-50 is not the full distribution); one generator across
+    the batches; an aggregate (names, weights, level) decodes at that level; the prompts go to `device`."""
+    import data
+    torch.manual_seed(1)
+    cfg = t5.T5Config(vocab_size=96, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0)
+    model = t5.T5ForConditionalGeneration(cfg)
+    for name in ("a", "b"):
+        lora.add_adapter(model, name, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        model.shared.weight.normal_(0.0, 0.05)
+        for _, m in lora._layers(model):
+            for name in ("a", "b"):
+                m.lora_B[name].normal_(0.0, 0.3)
+    prompts = ["i feel sad", "work is hard today", "nothing helps"]
+    tok = WordTokenizer()
+
+    def expected(decode):  # the oracle: batches of 2, each decoded by `decode(ids, mask)`
+        texts = []
+        for start in (0, 2):
+            ids, mask = data.encode_prompts(tok, prompts[start:start + 2], "cpu")
+            texts += tok.batch_decode(decode(ids, mask))
+        return texts
+
+    def sampled(top_k):
+        g = torch.Generator().manual_seed(3)
+        lora.set_adapter(model, "a")
+        return expected(lambda ids, mask: t5.generate(model, ids, mask, do_sample=True, top_k=top_k, generator=g)[0])
+
+    devices = []
+    real_encode = data.encode_prompts
+    monkeypatch.setattr(evaluate.data, "encode_prompts",
+                        lambda tokenizer, texts, device="unset": (devices.append(device), real_encode(tokenizer, texts))[1])
+    texts = evaluate.generate_texts(model, tok, prompts, 2, "cuda:1", adapter="a", generator=torch.Generator().manual_seed(3))
+    assert devices == ["cuda:1", "cuda:1"]
+    assert texts == sampled(50) and texts != sampled(0)
+    texts = {}
+    for level, generator in (("logit", None), ("hidden", None), ("param", torch.Generator().manual_seed(4))):
+        texts[level] = evaluate.generate_texts(model, tok, prompts, 2, "cpu", aggregate=(["a", "b"], [0.3, 0.7], level),
+                                               generator=generator)
+        g = torch.Generator().manual_seed(4)
+        assert texts[level] == expected(lambda ids, mask: search.ensemble_generate(
+            model, ["a", "b"], [0.3, 0.7], ids, mask, level=level, do_sample=generator is not None, top_k=50, generator=g))
+    assert texts["logit"] != texts["hidden"]      # the levels decode differently here: the level is not ignored
+    assert texts["param"] != evaluate.generate_texts(model, tok, prompts, 2, "cpu", aggregate=(["a", "b"], [0.3, 0.7], "param"))
+
+
 # ----------------------------------------------------------------------------- t5.py generation
 def test_decode_loop_defaults_and_greedy_logprobs():
     """Defaults: ≤ 64 new tokens, start token 0, pad 0 after a row's eos (1), full distribution when
@@ -536,6 +764,42 @@ def test_generate_passes_its_sampling_options_and_ids_to_the_loop():
         expected = oracle(**options, **sampling)
         assert torch.equal(got[0], expected[0]), options
         torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_makes_its_tensors_on_the_models_device_and_dtype(monkeypatch):
+    """Device-agnostic code (README: every command takes --device): with the default device set to meta,
+    generation on CPU tensors gives the same tokens, so every tensor it makes is put on the inputs' device
+    explicitly (a forgotten device= would land on meta and fail). A bfloat16 model decodes in bfloat16
+    (the position bias in the model's dtype). More than 64 new tokens: the KV cache grows once."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                      eos_token_id=40)   # no eos: every row runs the whole length
+    model = t5.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 32, (2, 5))
+    mask = torch.ones_like(ids)
+    for options in (dict(), dict(do_sample=True, top_k=5)):
+        sampling = lambda: {"generator": torch.Generator().manual_seed(1)} if options else {}  # noqa: E731
+        expected = t5.generate(model, ids, mask, max_new_tokens=70, **options, **sampling())
+        with torch.device("meta"):
+            got = t5.generate(model, ids, mask, max_new_tokens=70, **options, **sampling())
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[0].shape == (2, 70)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    hidden, _ = half.decode(torch.zeros(2, 3, dtype=torch.long), half.encode(ids, mask), mask)
+    assert hidden.dtype == torch.bfloat16
+    assert t5.generate(half, ids, mask, max_new_tokens=4)[0].shape == (2, 4)
+    seen = {}   # the loop is told the inputs' device (its own default is the CPU): a model on meta
+    monkeypatch.setattr(t5, "decode_loop", lambda next_logits, batch_size, **kwargs: seen.update(kwargs))
+    t5.generate(copy.deepcopy(model).to("meta"), ids.to("meta"), mask.to("meta"))
+    assert seen["device"] == torch.device("meta")
+
+
+def test_position_bias_with_an_offset_is_those_rows_of_the_full_square():
+    """T5Attention.position_bias(query_len, key_len, offset): queries at positions offset .. offset+query_len-1."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0)
+    attention = t5.T5ForConditionalGeneration(cfg).decoder.block[0].layer[0].SelfAttention
+    full = attention.position_bias(7, 7)
+    assert torch.equal(attention.position_bias(2, 7, offset=4), full[:, :, 4:6])
 
 
 # ----------------------------------------------------------------------------- scst.py
@@ -598,3 +862,74 @@ def test_lora_dropout_is_on_in_training_and_unbiased():
     layer.eval()
     layer.mode = {"d": 1.0}
     assert torch.equal(layer(x[:1]), expected)
+
+
+def test_adapter_arguments_and_names_are_checked():
+    """One-line errors that name the problem: a bad adapter name, r < 1, dropout outside [0, 1), targets
+    that match nothing, an unknown adapter (listing the model's adapters, or none)."""
+    model = TwoLayers()
+    with pytest.raises(InputError, match="^unknown adapter 'z' \\(the model has: none\\)$"):
+        lora.adapter_parameters(model, "z")
+    for name in ("", "a.b", 3):
+        with pytest.raises(InputError, match=f"^adapter name {name!r}: must be a non-empty string without '.'$"):
+            lora.add_adapter(model, name)
+    for r, dropout in ((0, 0.1), (2, 1.0), (2, 1.5), (2, -0.1)):
+        with pytest.raises(InputError, match=f"^adapter x: need r >= 1 and 0 <= dropout < 1, got r={r}, dropout={dropout}$"):
+            lora.add_adapter(model, "x", r=r, dropout=dropout)
+    with pytest.raises(InputError, match="^adapter x: no nn.Linear matches target_modules \\['k'\\]$"):
+        lora.add_adapter(model, "x", targets=["k"])
+    lora.add_adapter(model, "a", r=2, dropout=0.0)
+    lora.add_adapter(model, "b", r=2, dropout=0.0)
+    with pytest.raises(InputError, match="^unknown adapter 'z' \\(the model has: a, b\\)$"):
+        lora.set_adapter(model, "z")
+
+
+def test_all_linear_targets_every_linear_but_lm_head():
+    """PEFT's "all-linear" shorthand, in any case: every nn.Linear but lm_head."""
+    for targets in ("all-linear", "ALL-Linear"):
+        model = nn.Sequential()
+        model.add_module("q", nn.Linear(4, 4))
+        model.add_module("lm_head", nn.Linear(4, 4))
+        lora.add_adapter(model, "a", r=2, targets=targets)
+        assert [path for path, _ in lora._layers(model)] == ["q"]
+
+
+def test_base_fingerprint_probes_first_64_entries_of_8_spread_parameters():
+    """The fingerprint saved with an adapter: (sum, sum |x|) of the first 64 entries of ≤ 8 base
+    parameters taken every len // 8 (at least every one), hand-computed on 9 and 17 parameters."""
+    for count, picked in ((9, range(8)), (17, range(0, 16, 2)), (5, range(5))):
+        model = nn.Sequential(*[nn.Linear(10, 10, bias=False) for _ in range(count)])
+        with torch.no_grad():
+            for i, layer in enumerate(model):
+                layer.weight.copy_(torch.linspace(-1.0, 2.0, 100).view(10, 10) * (i + 1))
+        lora.add_adapter(model, "a", r=2, targets=["0"])      # adapter parameters are not probed
+        first64 = [(torch.linspace(-1.0, 2.0, 100) * (i + 1))[:64].double() for i in picked]
+        expected = [[float(w.sum()), float(w.abs().sum())] for w in first64]
+        assert lora.base_fingerprint(model)["probes"] == expected
+
+
+def test_mixed_adapters_in_training_keep_device_dtype_and_layers_without_the_adapter():
+    """Mixed-adapter batches (one adapter per row) in training mode: each row gets its own adapter's
+    dropout rate; a layer the row's adapter does not wrap adds nothing and leaves that row untouched;
+    everything stays on the model's device (meta here) and in its dtype (bfloat16); the row count is checked."""
+    model = TwoLayers()
+    lora.add_adapter(model, "a", r=2, alpha=4, dropout=0.5, targets=["q", "wo"])
+    lora.add_adapter(model, "b", r=3, alpha=6, dropout=0.25, targets=["q"])
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for p in lora.adapter_parameters(model, name):
+                p.normal_(0.0, 0.3)
+    model.train()
+    x = torch.randn(3, 24)
+    with lora.mixed_adapters(model, ["a", "b"], [0, 1, 1]):
+        out = model.wo(x)
+        with pytest.raises(InputError, match="^mixed_adapters: row_adapter has 3 rows, the batch has 2$"):
+            model.wo(x[:2].unsqueeze(1).expand(2, 5, 24))
+    assert torch.equal(out[1:], x[1:] @ model.wo.weight.T)        # "b" is not on wo: rows 1, 2 are the base output
+    half = model.to(torch.bfloat16)
+    with lora.mixed_adapters(half, ["a", "b"], [0, 1, 1]):
+        assert half(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    meta = model.to("meta")
+    with lora.mixed_adapters(meta, ["a", "b"], [0, 1, 1]):
+        assert meta.q.mode[1].device.type == "meta"
+        assert meta(torch.empty(3, 16, dtype=torch.bfloat16, device="meta")).device.type == "meta"
