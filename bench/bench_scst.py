@@ -6,7 +6,10 @@ bench_generate.decode_floor) and, as its last line, the ratio ours / HF (goal <=
 
 Both sides share everything that is not model work: a stand-in tokenizer (fixed ~40-token prompts)
 and a stand-in scorer, so the ratio measures sampling + teacher-forced policy/reference passes +
-backward + AdamW.
+backward + AdamW. The HF side computes the log-probs and the full KL with the formula written for
+autograd (scst.logprobs_and_kl_formula: what a transformers + peft user writes); emorl's side uses
+scst.token_logprobs_and_kl, whose gradient is written out. A third timing, HF with emorl's KL
+function, shows how much of the difference that function is.
 
     .venv/bin/python bench/bench_scst.py [--reps 3] [--device cpu] [--threads 2]
 """
@@ -48,7 +51,7 @@ def stand_in_scorer(prompts, responses):
     return torch.rand(len(responses))
 
 
-def hf_scst_step(peft_model, tokenizer, optimizer, prompts, args):
+def hf_scst_step(peft_model, tokenizer, optimizer, prompts, args, logprobs_and_kl=scst.logprobs_and_kl_formula):
     k = args.samples_per_prompt
     ids, mask = tokenizer.batch_encode(prompts, device=args.device)
     ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -64,7 +67,7 @@ def hf_scst_step(peft_model, tokenizer, optimizer, prompts, args):
     logits = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
     with torch.no_grad(), peft_model.disable_adapter():
         reference = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
-    sampled, kl = scst.token_logprobs_and_kl(logits, reference, tokens)
+    sampled, kl = logprobs_and_kl(logits, reference, tokens)
     loss = scst.scst_loss(sampled, kl, scst.response_mask(tokens, 1), advantages, args.beta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -123,15 +126,17 @@ def main():
                                                      task_type="SEQ_2_SEQ_LM"))
     hf_optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
 
-    def hf_step():
-        hf_scst_step(peft_model, tokenizer, hf_optimizer, prompts, args)
+    def hf_step(logprobs_and_kl=scst.logprobs_and_kl_formula):
+        hf_scst_step(peft_model, tokenizer, hf_optimizer, prompts, args, logprobs_and_kl)
 
     print(f"device {cli.device}, torch threads {torch.get_num_threads()}, {cli.reps} reps after a warm-up")
     hf_time = timed(hf_step, cli.reps)
+    hf_fused_time = timed(lambda: hf_step(scst.token_logprobs_and_kl), cli.reps)
     ours_time = timed(ours_step, cli.reps)
     floor_time = timed(decode_floor(ours, 3 * len(prompts), device=cli.device), cli.reps)
     print(f"one SCST step, 16 prompts x 3 samples x 64 tokens, t5-small shape: "
-          f"transformers+peft {hf_time:.2f}s | emorl {ours_time:.2f}s | sampling-decode floor {floor_time:.2f}s")
+          f"transformers+peft {hf_time:.2f}s (with emorl's KL function {hf_fused_time:.2f}s) | emorl {ours_time:.2f}s"
+          f" | sampling-decode floor {floor_time:.2f}s")
     print(ratio_line("one SCST step vs transformers + peft", ours_time / hf_time, "<= 0.7x", ours_time / floor_time))
 
 
