@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
-import files
+import files  # noqa: E402
 import t5  # noqa: E402
 
 SHAPES = {  # t5-small: matmul-bound on CPU; tiny: shows the per-step Python overhead instead
