@@ -2,8 +2,8 @@
 r=8 on q,k,v,o,wi,wo) with scst.py vs the same step written with transformers + peft, same weights,
 same run, same machine, 2 torch threads. Prints both medians, the floor and, as its last line, the
 ratio ours / HF (goal <= 0.7x) and ours / floor. The floor is the step's matrix multiplies and nothing
-else (`step_floor`): the sampling decode's (48 rows through the decoder's linear layers and the LM
-head, 64 steps: bench_generate.decode_floor) plus three teacher-forced passes' worth (policy forward,
+else (`step_floor`): the sampling decode's (its encoder, then 48 rows through the decoder's linear layers and
+the LM head, 64 steps: bench_generate.encoder_floor, decode_floor) plus three teacher-forced passes' worth (policy forward,
 reference forward, and the backward's input gradients, which cost one forward's GEMMs): every encoder
 linear layer on 48 x 40 prompt rows, every decoder linear layer on 48 x 64 response rows (cross-attention
 K/V on the prompt rows) and the LM head on the response rows.
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 import scst  # noqa: E402
 import t5  # noqa: E402
-from bench_generate import decode_floor, ratio_line  # noqa: E402
+from bench_generate import decode_floor, encoder_floor, ratio_line  # noqa: E402
 
 TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 
@@ -82,21 +82,16 @@ def hf_scst_step(peft_model, tokenizer, optimizer, prompts, args, logprobs_and_k
 
 def step_floor(model, samples, prompt_len, new_tokens, device):
     """One timed call of the SCST step's matrix multiplies alone (see the module docstring)."""
-    decode = decode_floor(model, samples, steps=new_tokens, device=device)
-    head = model.shared.weight if model.config.tie_word_embeddings else model.lm_head.weight
-    layers = [(m.weight, samples * prompt_len) for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
-    layers += [(m.weight, samples * (prompt_len if name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
-                                     else new_tokens))
-               for name, m in model.decoder.named_modules() if isinstance(m, torch.nn.Linear)]
-    layers.append((head, samples * new_tokens))
-    inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], device=device) for w, rows in layers}
+    decode = decode_floor(model, samples, steps=new_tokens, device=device)            # the sampling decode
+    encoder = encoder_floor(model, samples * prompt_len, device=device)
+    teacher_forced = decode_floor(model, samples * new_tokens, steps=1, device=device)   # every response row at once
 
     def run():
+        encoder()                                           # the sampling decode's prompt
         decode()
-        with torch.no_grad():
-            for _ in range(3):                              # policy forward, reference forward, backward
-                for w, rows in layers:
-                    torch.nn.functional.linear(inputs[rows, w.shape[1]], w)
+        for _ in range(3):                                  # policy forward, reference forward, backward
+            encoder()
+            teacher_forced()
     return run
 
 
