@@ -321,6 +321,19 @@ def check_finished_run(run_dir, args):
                                 "choose another --runs folder or delete it")
 
 
+def exit_with_parent(parent_pid):
+    """Pool initializer of `train all --jobs N`: a job ends when the command that started it is gone, even
+    after kill -9 (which runs no clean-up), so no orphan keeps writing a run folder that the resumed command
+    writes too. A watcher thread polls the parent's pid; what the job wrote is resumable as after any kill."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def cmd_train(args):
     from files import InputError
     known = known_scorers(args)
@@ -340,7 +353,7 @@ def cmd_train(args):
     else:
         import multiprocessing
         print(f"training {', '.join(objectives)} in {jobs} processes on {', '.join(devices)}", flush=True)
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:   # an error stops every job
+        with multiprocessing.get_context("spawn").Pool(jobs, exit_with_parent, (os.getpid(),)) as pool:  # an error stops every job
             summaries = [summary for done in pool.imap_unordered(train_job, plan) for summary in done]
             pool.close()
             pool.join()

@@ -71,12 +71,45 @@ def scst_advantages(rewards_per_prompt: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs_and_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, tokens: torch.Tensor):
-    """log π(y_t) of the sampled tokens [N, T] and the full KL(π ‖ π_ref) at every position [N, T]."""
+    """log π(y_t) of the sampled tokens [N, T] and the full KL(π ‖ π_ref) = Σ_v π_v (log π_v − log π_ref,v) at
+    every position [N, T]. The gradient flows to the policy logits only (the reference is the frozen model)."""
+    return _LogprobsAndKL.apply(policy_logits, reference_logits.detach(), tokens)
+
+
+def logprobs_and_kl_formula(policy_logits, reference_logits, tokens):
+    """The same two quantities written as their definition and differentiated by autograd: the oracle of
+    token_logprobs_and_kl in the tests, and what the transformers + peft side of bench/bench_scst.py computes."""
     policy_logprobs = F.log_softmax(policy_logits.float(), dim=-1)
     reference_logprobs = F.log_softmax(reference_logits.float(), dim=-1)
     sampled = policy_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    kl = (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(-1)
-    return sampled, kl
+    return sampled, (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(-1)
+
+
+class _LogprobsAndKL(torch.autograd.Function):
+    """token_logprobs_and_kl with its gradient written out (speed: autograd through log_softmax, exp, sub, mul
+    and sum keeps about six [N, T, V] tensors and makes ~10 passes over them; this keeps two). With z the
+    policy logits, p = softmax(z), d = log p − log q and KL = Σ_v p_v d_v:
+        ∂KL/∂z = p ⊙ (d − KL),    ∂ log p_y / ∂z = onehot(y) − p
+    (tests/test_scst.py checks values and gradients against the plain autograd formula)."""
+
+    @staticmethod
+    def forward(ctx, policy_logits, reference_logits, tokens):
+        dtype = torch.promote_types(policy_logits.dtype, torch.float32)            # bf16 / fp16 logits: in fp32
+        logprobs = F.log_softmax(policy_logits.to(dtype), dim=-1)
+        sampled = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        d = F.log_softmax(reference_logits.to(dtype), dim=-1).neg_().add_(logprobs)  # log p − log q
+        p = logprobs.exp_()                                                       # p, in log p's buffer
+        kl = torch.linalg.vecdot(p, d)
+        ctx.save_for_backward(p, d, kl, tokens)
+        ctx.dtype = policy_logits.dtype
+        return sampled, kl
+
+    @staticmethod
+    def backward(ctx, grad_sampled, grad_kl):
+        p, d, kl, tokens = ctx.saved_tensors
+        grad = (d - kl.unsqueeze(-1)).mul_(grad_kl.unsqueeze(-1)).sub_(grad_sampled.unsqueeze(-1)).mul_(p)
+        grad.scatter_add_(-1, tokens.unsqueeze(-1), grad_sampled.unsqueeze(-1))
+        return grad.to(ctx.dtype), None, None
 
 
 def scst_loss(sampled_logprobs, kl, mask, advantages, beta: float) -> torch.Tensor:
@@ -191,6 +224,19 @@ def validation_seed(seed: int, step: int) -> int:
 
 
 @torch.no_grad()
+def sample_responses(model, input_ids, attention_mask, args, generator) -> torch.Tensor:
+    """Responses drawn from the policy (top-k, temperature 1). Nothing is differentiated here, so the adapter
+    is merged into the weights for the draw (Eq. 4 with w = 1: one matmul per layer instead of three) and
+    unmerged after (W0 copied back bit for bit); the loss's log-probs are recomputed unmerged."""
+    lora.merge(model, {args.objective: 1.0})
+    try:
+        return t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=args.top_k,
+                           max_new_tokens=args.max_new_tokens, generator=generator)[0]
+    finally:
+        lora.unmerge(model)
+
+
+@torch.no_grad()
 def validate(model, tokenizer, scorers, prompts, args, step: int) -> dict[str, float]:
     """The authors' validation: k sampled responses per prompt (top-k, temperature 1) on every given
     prompt, mean clipped score per objective. Eval mode (no dropout) and a generator seeded from
@@ -201,9 +247,7 @@ def validate(model, tokenizer, scorers, prompts, args, step: int) -> dict[str, f
     totals = torch.zeros(len(names), dtype=torch.float64)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        tokens, _ = t5.generate(model, *encode_prompts(tokenizer, batch, args.device, repeat=k), do_sample=True,
-                                temperature=1.0, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                generator=generator)
+        tokens = sample_responses(model, *encode_prompts(tokenizer, batch, args.device, repeat=k), args, generator)
         scores = score(scorers, names, [p for p in batch for _ in range(k)], tokenizer.batch_decode(tokens))
         totals += scores.clamp(rewards.CLIP_MIN, rewards.CLIP_MAX).double().sum(0)
     return {name: (total / (len(prompts) * k)).item() for name, total in zip(names, totals)}
@@ -223,8 +267,7 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, 
     device, k, names = args.device, args.samples_per_prompt, list(weights)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device, repeat=k)
     model.eval()                                           # sampling: no dropout
-    tokens, _ = t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, generator=generator)
+    tokens = sample_responses(model, input_ids, attention_mask, args, generator)
     responses = tokenizer.batch_decode(tokens)
     scores = score(scorers, names, [p for p in prompts for _ in range(k)], responses)
     reward = combine_rewards(scores, [weights[n] for n in names], args.combine).to(device)

@@ -1,12 +1,19 @@
 """Benchmark: one SCST step (16 prompts x 3 samples, 64 new tokens, t5-small-shaped random weights, LoRA
 r=8 on q,k,v,o,wi,wo) with scst.py vs the same step written with transformers + peft, same weights,
-same run, same machine, 2 torch threads. Prints both medians, the floor (the matrix multiplies of the
-step's sampling decode: 48 rows through the decoder's linear layers and the LM head, 64 steps;
-bench_generate.decode_floor) and, as its last line, the ratio ours / HF (goal <= 0.7x).
+same run, same machine, 2 torch threads. Prints both medians, the floor and, as its last line, the
+ratio ours / HF (goal <= 0.7x) and ours / floor. The floor is the step's matrix multiplies and nothing
+else (`step_floor`): the sampling decode's (its encoder, then 48 rows through the decoder's linear layers and
+the LM head, 64 steps: bench_generate.encoder_floor, decode_floor) plus three teacher-forced passes' worth (policy forward,
+reference forward, and the backward's input gradients, which cost one forward's GEMMs): every encoder
+linear layer on 48 x 40 prompt rows, every decoder linear layer on 48 x 64 response rows (cross-attention
+K/V on the prompt rows) and the LM head on the response rows.
 
 Both sides share everything that is not model work: a stand-in tokenizer (fixed ~40-token prompts)
 and a stand-in scorer, so the ratio measures sampling + teacher-forced policy/reference passes +
-backward + AdamW.
+backward + AdamW. The HF side computes the log-probs and the full KL with the formula written for
+autograd (scst.logprobs_and_kl_formula: what a transformers + peft user writes); emorl's side uses
+scst.token_logprobs_and_kl, whose gradient is written out. A third timing, HF with emorl's KL
+function, shows how much of the difference that function is.
 
     .venv/bin/python bench/bench_scst.py [--reps 3] [--device cpu] [--threads 2]
 """
@@ -23,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 import scst  # noqa: E402
 import t5  # noqa: E402
-from bench_generate import decode_floor, ratio_line  # noqa: E402
+from bench_generate import decode_floor, encoder_floor, ratio_line  # noqa: E402
 
 TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 
@@ -48,7 +55,7 @@ def stand_in_scorer(prompts, responses):
     return torch.rand(len(responses))
 
 
-def hf_scst_step(peft_model, tokenizer, optimizer, prompts, args):
+def hf_scst_step(peft_model, tokenizer, optimizer, prompts, args, logprobs_and_kl=scst.logprobs_and_kl_formula):
     k = args.samples_per_prompt
     ids, mask = tokenizer.batch_encode(prompts, device=args.device)
     ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -64,13 +71,28 @@ def hf_scst_step(peft_model, tokenizer, optimizer, prompts, args):
     logits = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
     with torch.no_grad(), peft_model.disable_adapter():
         reference = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
-    sampled, kl = scst.token_logprobs_and_kl(logits, reference, tokens)
+    sampled, kl = logprobs_and_kl(logits, reference, tokens)
     loss = scst.scst_loss(sampled, kl, scst.response_mask(tokens, 1), advantages, args.beta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], args.grad_clip)
     optimizer.step()
     return tokens.shape[1]
+
+
+def step_floor(model, samples, prompt_len, new_tokens, device):
+    """One timed call of the SCST step's matrix multiplies alone (see the module docstring)."""
+    decode = decode_floor(model, samples, steps=new_tokens, device=device)            # the sampling decode
+    encoder = encoder_floor(model, samples * prompt_len, device=device)
+    teacher_forced = decode_floor(model, samples * new_tokens, steps=1, device=device)   # every response row at once
+
+    def run():
+        encoder()                                           # the sampling decode's prompt
+        decode()
+        for _ in range(3):                                  # policy forward, reference forward, backward
+            encoder()
+            teacher_forced()
+    return run
 
 
 def timed(fn, reps):
@@ -123,15 +145,18 @@ def main():
                                                      task_type="SEQ_2_SEQ_LM"))
     hf_optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
 
-    def hf_step():
-        hf_scst_step(peft_model, tokenizer, hf_optimizer, prompts, args)
+    def hf_step(logprobs_and_kl=scst.logprobs_and_kl_formula):
+        hf_scst_step(peft_model, tokenizer, hf_optimizer, prompts, args, logprobs_and_kl)
 
     print(f"device {cli.device}, torch threads {torch.get_num_threads()}, {cli.reps} reps after a warm-up")
     hf_time = timed(hf_step, cli.reps)
+    hf_fused_time = timed(lambda: hf_step(scst.token_logprobs_and_kl), cli.reps)
     ours_time = timed(ours_step, cli.reps)
-    floor_time = timed(decode_floor(ours, 3 * len(prompts), device=cli.device), cli.reps)
+    floor_time = timed(step_floor(ours, 3 * len(prompts), tokenizer.ids.numel(), args.max_new_tokens, cli.device),
+                       cli.reps)
     print(f"one SCST step, 16 prompts x 3 samples x 64 tokens, t5-small shape: "
-          f"transformers+peft {hf_time:.2f}s | emorl {ours_time:.2f}s | sampling-decode floor {floor_time:.2f}s")
+          f"transformers+peft {hf_time:.2f}s (with emorl's KL function {hf_fused_time:.2f}s) | emorl {ours_time:.2f}s"
+          f" | floor (the step's GEMMs) {floor_time:.2f}s")
     print(ratio_line("one SCST step vs transformers + peft", ours_time / hf_time, "<= 0.7x", ours_time / floor_time))
 
 

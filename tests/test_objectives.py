@@ -241,3 +241,58 @@ def test_same_tensors_same_bytes(tmp_path):
     assert len(written) == 1
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata() == metadata and torch.equal(f.get_tensor("a"), tensors["a"])
+
+
+def test_train_all_jobs_end_when_the_command_is_killed(tmp_path):
+    """kill -9 of `train all --jobs 2` runs no clean-up: its worker processes must still stop (they watch their
+    parent), so that no orphan keeps writing a run folder the resumed command writes too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children(pid):
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+            except (OSError, IndexError):
+                continue
+            if entry.isdigit() and int(fields[1]) == pid and b"resource_tracker" not in command:
+                found.append(int(entry))
+        return found
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    long_training = ["--sample", "0.1", "--batch-size", "2", "--samples-per-prompt", "2", "--max-steps", "100000",
+                     "--val-every", "1000", "--val-prompts", "1", "--max-new-tokens", "8"]
+    command = subprocess.Popen([sys.executable, os.path.join(ROOT, "emorl.py"), "train", "all", "--jobs", "2",
+                                "--policy", tiny_policy(tmp_path / "policy"), *long_training, "--runs", "runs"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(workers := children(command.pid)) < 2 or not list(tmp_path.glob("runs/*/train.jsonl")):
+            assert time.time() < deadline and command.poll() is None, "the jobs never started training"
+            time.sleep(0.2)
+        os.kill(command.pid, signal.SIGKILL)
+        command.wait()
+        deadline = time.time() + 20
+        while any(alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), "a job outlived the killed command"
+    finally:
+        for pid in [*workers, command.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -59,6 +59,32 @@ def test_full_kl_matches_definition_and_is_zero_for_equal_logits():
     assert kl_same.abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_kl_gradient_equals_autograd_of_the_formula(dtype):
+    generator = torch.Generator().manual_seed(0)
+    policy = (3 * torch.randn(3, 4, 11, generator=generator)).to(dtype).requires_grad_()
+    reference = (3 * torch.randn(3, 4, 11, generator=generator)).to(dtype)
+    tokens = torch.randint(0, 11, (3, 4), generator=generator)
+    tokens[0, 1] = tokens[0, 2] = 5                          # repeated tokens: scatter_add, not scatter
+    up_sampled, up_kl = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    sampled, kl = scst.token_logprobs_and_kl(policy, reference, tokens)
+    grad, = torch.autograd.grad((sampled * up_sampled).sum() + (kl * up_kl).sum(), policy)
+    expected_sampled, expected_kl = scst.logprobs_and_kl_formula(policy.float(), reference.float(), tokens)
+    expected_grad, = torch.autograd.grad((expected_sampled * up_sampled).sum() + (expected_kl * up_kl).sum(), policy)
+    torch.testing.assert_close(sampled, expected_sampled)
+    torch.testing.assert_close(kl, expected_kl)
+    torch.testing.assert_close(grad, expected_grad)
+    assert grad.dtype == dtype and sampled.dtype == kl.dtype == torch.float32
+
+
+def test_logprobs_and_kl_gradient_passes_finite_differences():
+    generator = torch.Generator().manual_seed(1)
+    policy = torch.randn(2, 3, 7, generator=generator, dtype=torch.float64).requires_grad_()
+    reference = torch.randn(2, 3, 7, generator=generator, dtype=torch.float64)
+    tokens = torch.tensor([[1, 1, 6], [0, 3, 1]])
+    assert torch.autograd.gradcheck(lambda z: scst.token_logprobs_and_kl(z, reference, tokens), (policy,))
+
+
 def test_convergence_rule_on_synthetic_curves():
     flat = [0.60 + 0.001 * (i % 3) for i in range(40)]
     rising = [0.1 + 0.02 * i for i in range(40)]
@@ -303,6 +329,26 @@ def test_sampling_is_top_k_in_training_and_validation(tiny):
         scst.validate(adapted, tokenizer, dict(reflection=recording(length_scorer, seen)), prompts,
                       make_args(top_k=top_k), step=8)
         assert (seen[0] == greedy) is equal
+
+
+def test_sampling_on_merged_weights_draws_what_the_unmerged_policy_draws(tiny):
+    """scst.sample_responses merges the trained adapter for the draw: the same tokens as generate on the
+    unmerged policy with the same generator, another draw than the base model's, W0 back bit for bit."""
+    model, tokenizer = tiny
+    adapted = adapted_copy(model, perturb=True).eval()
+    ids, mask = scst.encode_prompts(tokenizer, [e.prompt for e in examples(6)], "cpu", repeat=3)
+    before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
+    args = make_args(max_new_tokens=12)
+    drawn = scst.sample_responses(adapted, ids, mask, args, torch.Generator().manual_seed(5))
+    unmerged, _ = t5.generate(adapted, ids, mask, do_sample=True, top_k=50, max_new_tokens=12,
+                              generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, unmerged)
+    with lora.adapters_disabled(adapted):
+        base, _ = t5.generate(adapted, ids, mask, do_sample=True, top_k=50, max_new_tokens=12,
+                              generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(drawn, base)                      # the adapter was merged, not left out
+    assert all(torch.equal(p, before[n]) for n, p in adapted.named_parameters())
+    assert all(m.unmerged is None and m.mode == {"reflection": 1.0} for _, m in lora._layers(adapted))
 
 
 def test_validation_samples_k_per_prompt_in_eval_mode_and_is_reproducible(tiny):
