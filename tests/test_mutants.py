@@ -2,6 +2,7 @@
 
 Each test checks a property of a public function against hand-computed values or an independent
 oracle; the comment says which claim it protects. Fast: tiny tensors and tiny random models only."""
+import contextlib
 import copy
 import math
 import re
@@ -321,6 +322,130 @@ def test_weight_errors_name_the_weights():
         search.check_weights([1.0], 3)
     with pytest.raises(InputError, match=r"^weights '0.8,0.5': expected 3 weights"):
         search.parse_weights("0.8,0.5", 3)
+
+
+def test_weight_errors_say_what_is_wrong():
+    with pytest.raises(InputError, match=r"^w: weight -0.5 is negative; weights must be >= 0$"):
+        search.check_weights([1, -0.5], 2, what="w")
+    for bad in ("nan", "inf"):
+        with pytest.raises(InputError, match=rf"^weights: weight {bad} is not a finite number; weights must be >= 0$"):
+            search.check_weights([1, float(bad)], 2)
+
+
+def test_memo_keys_and_header_differences():
+    """memo_key's default is the ray (hidden / logit level); a search.json header compared field by field,
+    naming the first differing field (a dotted path inside meta)."""
+    assert search.memo_key([1, 1]) == search.memo_key([0.5, 0.5]) != search.memo_key([1, 1], False)
+    header = {"objectives": ["a"], "meta": {"level": "hidden", "data": "x"}}
+    assert search.header_difference(header, header) is None
+    assert search.header_difference({"objectives": ["a"], "meta": {"level": "param", "data": "x"}}, header) == \
+        'meta.level (the file has "param", this search "hidden")'
+    assert search.header_difference({"objectives": ["a"], "meta": None}, header) == \
+        'meta (the file has null, this search {"level": "hidden", "data": "x"})'
+    assert search.header_difference(header, {"objectives": ["a"], "meta": None}) == \
+        'meta (the file has {"level": "hidden", "data": "x"}, this search null)'
+
+
+def test_param_level_search_memoises_points_and_resumes_from_its_log(tmp_path, monkeypatch, capsys):
+    """Parameter level (objective.ray_invariant False): one evaluation per grid point, w = 0 included (the
+    base model, direction 0); run_search's totals and summary say so; a resumed search re-uses every logged
+    point and evaluates nothing again; `info` is stored in search.json (not compared); bad files are refused."""
+    monkeypatch.chdir(tmp_path)
+
+    def objective(weights):
+        value = 0.1 + 0.3 * weights[0] + 0.2 * weights[1] - 0.25 * weights[0] * weights[1]
+        return value, [value, value]
+    objective.ray_invariant = False
+    result = search.run_search(objective, ["x", "y"], "p.json", iterations=2, info={"adapters": ["a", "b"]})
+    lines = capsys.readouterr().out.splitlines()
+    total = search.max_evaluations(2, 2, ray_invariant=False)
+    assert len(result["evaluations"]) == total == 9 + 5
+    assert [line.split(" | ")[0] for line in lines[:total]] == [f"eval {i}/{total}" for i in range(1, total + 1)]
+    assert lines[-1].endswith("(plain Algorithm 1: 18; memo per point) | p.json")
+    zero = [r for r in result["evaluations"] if r["weights"] == [0.0, 0.0]]
+    assert len(zero) == 1 and zero[0]["direction"] == [0.0, 0.0]
+    stored = files.read_json("p.json")
+    assert stored["info"] == {"adapters": ["a", "b"]} and len(stored["evaluations"]) == total
+
+    def refuse(weights):
+        raise AssertionError(f"re-evaluated {weights}")
+    refuse.ray_invariant = False
+    again = search.run_search(refuse, ["x", "y"], "p.json", iterations=2)
+    assert again["best_weights"] == result["best_weights"] and "info" not in files.read_json("p.json")
+    assert search.hierarchical_grid_search(refuse, 2, 2, log=stored["evaluations"])["best_weights"] == result["best_weights"]
+    with pytest.raises(InputError, match=r"^search log record 0: expected 2 weights >= 0 and a numeric mean, got 5$"):
+        search.hierarchical_grid_search(objective, 2, log=[5])
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(InputError, match=r"^list.json: not a search result \(expected a JSON object\); delete it or choose another --out$"):
+        search.run_search(objective, ["x", "y"], "list.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"objectives": ["x", "y"], "num_iterations": 5, "meta": None,
+                                                   "evaluations": {}}))
+    with pytest.raises(InputError, match=r"^bad.json: 'evaluations' must be a list$"):
+        search.run_search(objective, ["x", "y"], "bad.json")
+
+
+def test_fingerprint_hashes_names_and_contents(tmp_path):
+    """search.json stores sha256 (16 hex digits) of each adapter folder's files (name, NUL, bytes, sorted by
+    name; hidden files and sub-folders left out) or of a data file, not their paths."""
+    import hashlib
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "b.json").write_bytes(b"{}")
+    (folder / "a.safetensors").write_bytes(b"weights")
+    (folder / ".tmp-1").write_bytes(b"leftover")
+    (folder / "sub").mkdir()
+    (tmp_path / "data.csv").write_bytes(b"x,y")
+    expected = hashlib.sha256(b"a.safetensors\0weights" + b"b.json\0{}" + b"data.csv\0x,y").hexdigest()[:16]
+    assert search.fingerprint(str(folder), str(tmp_path / "data.csv")) == expected
+
+
+def test_ensemble_generate_hands_the_loop_its_sampling_and_device(three_adapters, monkeypatch):
+    """ensemble_generate samples top-50 by default (the public code's parameter level), greedy without top-k,
+    and everything it makes is on the inputs' device (a model on meta: the loop is stubbed after one step)."""
+    import copy
+    model = copy.deepcopy(three_adapters).to("meta")
+    ids = torch.zeros(2, 4, dtype=torch.long, device="meta")
+    seen = []
+
+    def loop(next_logits, batch_size, **kwargs):
+        logits = next_logits(torch.zeros(batch_size, dtype=torch.long, device=kwargs["device"]))
+        seen.append((kwargs, logits.device.type))
+        return torch.zeros(batch_size, 1, dtype=torch.long), torch.zeros(batch_size, 1)
+    monkeypatch.setattr(search.t5, "decode_loop", loop)
+    rows = []   # mixed_adapters checks its row index by value, which a meta tensor has not: record it instead
+    monkeypatch.setattr(search.lora, "mixed_adapters",
+                        lambda model, names, row_adapter: rows.append(row_adapter.device.type) or contextlib.nullcontext())
+    for level in search.LEVELS:
+        search.ensemble_generate(model, ["a", "b"], [0.5, 0.5], ids, torch.ones_like(ids), level=level, do_sample=True)
+        kwargs, device = seen[-1]
+        assert (kwargs["do_sample"], kwargs["top_k"], kwargs["device"], device) == (True, 50, torch.device("meta"), "meta")
+    assert rows == ["meta", "meta"]     # hidden and logit levels
+    search.ensemble_generate(model, ["a", "b"], [0.5, 0.5], ids, torch.ones_like(ids))
+    assert seen[-1][0]["do_sample"] is False and seen[-1][0]["max_new_tokens"] == 64
+
+
+def test_logit_level_mixture_is_computed_in_at_least_fp32():
+    """Appendix 11.2: log Σ_i w_i softmax(z_i), in float32 for bfloat16 logits, in float64 for float64 ones,
+    on the logits' device."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    weights = [0.3, 0.7]
+    expected = torch.log(sum(w * torch.softmax(z, -1) for w, z in zip(weights, logits)))
+    got = search.mixture_log_probs(logits, weights)
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-15)
+    half = logits.to(torch.bfloat16)
+    expected = torch.log(sum(w * torch.softmax(z.float(), -1) for w, z in zip(weights, half)))
+    got = search.mixture_log_probs(half, weights)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=0, atol=1e-6)
+    assert search.mixture_log_probs(logits.to("meta"), weights).device.type == "meta"
+
+
+def test_make_objective_puts_the_prompts_on_its_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(search.data, "encode_prompts",
+                        lambda tokenizer, texts, device="unset": seen.append(device) or (None, None))
+    search.make_objective(nn.Identity(), None, ["a"], {}, ["p"] * 3, batch_size=2, device="cuda:1")
+    assert seen == ["cuda:1", "cuda:1"]
 
 
 def test_hidden_level_mixes_in_the_models_dtype(three_adapters):
@@ -933,3 +1058,132 @@ def test_mixed_adapters_in_training_keep_device_dtype_and_layers_without_the_ada
     with lora.mixed_adapters(meta, ["a", "b"], [0, 1, 1]):
         assert meta.q.mode[1].device.type == "meta"
         assert meta(torch.empty(3, 16, dtype=torch.bfloat16, device="meta")).device.type == "meta"
+
+
+def test_coefficient_of_variation_by_hand():
+    """The convergence rule's CV (population std / |mean|) in float64: a spread of 1e-9 around 1 is seen
+    (float32 would round it away); a zero mean is an infinite CV, a constant curve a CV of 0."""
+    history = [1.0 + 1e-9 * i for i in range(20)]
+    expected = 1e-9 * math.sqrt((20 ** 2 - 1) / 12) / (1.0 + 9.5e-9)
+    assert scst.coefficient_of_variation(history) == pytest.approx(expected, rel=1e-5)
+    assert scst.coefficient_of_variation([0.0] * 20) == math.inf
+    assert scst.coefficient_of_variation([1.0] * 20) == 0.0
+
+
+def test_dynaopt_uses_its_gamma_and_seed_and_resumes_from_its_state():
+    """DynaOpt's bandits both use the given γ (hand values with γ = 0.5); the same seed draws the same arms;
+    state() through JSON (as the checkpoint stores it) and load() continue the run exactly."""
+    import json as _json
+    bandit = scst.DynaOpt(2, gamma=0.5, seed=3)
+    bandit.arm = 0
+    assert bandit.step_weights() == pytest.approx([math.e ** 0.5 / (math.e ** 0.5 + 1), 1 / (math.e ** 0.5 + 1)])
+    bandit.arm = 1
+    bandit.validation(0.4)                  # outer K = 3, p = 1/3: w = exp(γ · 0.4 / (p K))
+    assert bandit.outer.weights == pytest.approx([1.0, math.exp(0.5 * 0.4), 1.0])
+
+    def run(bandit, steps):
+        out = []
+        for i in range(steps):
+            out.append((bandit.arm, bandit.step_weights()))
+            bandit.validation(0.1 * (i % 3) - 0.05)
+        return out
+    assert run(scst.DynaOpt(3, 0.07, seed=5), 40) == run(scst.DynaOpt(3, 0.07, seed=5), 40)
+    first = scst.DynaOpt(3, 0.07, seed=1)
+    run(first, 7)
+    second = scst.DynaOpt(3, 0.07, seed=2)
+    second.load(_json.loads(_json.dumps(first.state())))
+    assert run(second, 30) == run(first, 30)
+
+
+# ----------------------------------------------------------------------------- lora.convert_npz
+def test_convert_npz_writes_peft_files_and_a_run_summary(tmp_path):
+    """`convert`: the authors' save_lora .npz -> adapter_model.safetensors (float32, PEFT's "format": "pt"
+    metadata) and the whole PEFT adapter_config.json (their LoraConfig: r, alpha = scaling·r, dropout 0.05,
+    target_modules = last names); under runs/<objective>-<label>/adapter also a summary.json (the label after
+    the last dash, consumption unknown); converting again into the same folder is fine."""
+    import numpy as np
+    from safetensors import safe_open
+    m = "base_model.model.encoder.block.0.layer.0.SelfAttention"
+    A, B = np.arange(8, dtype=np.float64).reshape(2, 4) / 7, np.arange(6, dtype=np.float64).reshape(3, 2) / 5
+    src = tmp_path / "their.npz"
+    np.savez(src, **{f"{m}.q_loraA": A, f"{m}.q_loraB": B, f"{m}.q_scaling": np.float64(8.0),
+                     f"{m}.wo_loraA": A, f"{m}.wo_loraB": B, f"{m}.wo_scaling": np.array([8.0])})
+    directory = tmp_path / "runs" / "four-objectives-authors" / "adapter"
+    written = lora.convert_npz(str(src), str(directory), "t5-small")
+    summary = tmp_path / "runs" / "four-objectives-authors" / "summary.json"
+    assert written == [str(directory / "adapter_model.safetensors"), str(directory / "adapter_config.json"), str(summary)]
+    assert files.read_json(str(directory / "adapter_config.json")) == dict(
+        peft_type="LORA", task_type="SEQ_2_SEQ_LM", base_model_name_or_path="t5-small", r=2, lora_alpha=16,
+        lora_dropout=0.05, target_modules=["q", "wo"], bias="none", fan_in_fan_out=False, inference_mode=True,
+        init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={}, alpha_pattern={})
+    assert files.read_json(str(summary)) == {"objective": "four-objectives", "seed": "authors", "imported_from": "their.npz",
+                                             "steps": None, "data_points": None, "wall_seconds": None}
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        a, b = f.get_tensor(f"{m}.wo.lora_A.weight"), f.get_tensor(f"{m}.wo.lora_B.weight")
+    assert a.dtype == b.dtype == torch.float32
+    assert torch.equal(a, torch.tensor(A, dtype=torch.float32)) and torch.equal(b, torch.tensor(B, dtype=torch.float32))
+    assert type(files.read_json(str(directory / "adapter_config.json"))["lora_alpha"]) is int
+    np.savez(src, **{f"{m}.q_loraA": A, f"{m}.q_loraB": B, f"{m}.q_scaling": np.float64(2.25)})
+    assert len(lora.convert_npz(str(src), str(directory))) == 2       # same folder again; summary.json kept
+    assert files.read_json(str(directory / "adapter_config.json"))["lora_alpha"] == 4.5
+    assert files.read_json(str(directory / "adapter_config.json"))["base_model_name_or_path"] == "google-t5/t5-base"
+    assert lora.convert_npz(str(src), str(tmp_path / "elsewhere")) == [str(tmp_path / "elsewhere" / "adapter_model.safetensors"),
+                                                                       str(tmp_path / "elsewhere" / "adapter_config.json")]
+    assert len(lora.convert_npz(str(src), str(tmp_path / "nolabel" / "adapter"))) == 2    # no <objective>-<label>
+    np.savez(src, **{f"{m}.q_loraA": A[:1], f"{m}.q_loraB": B[:, :1], f"{m}.q_scaling": np.float64(2.0)})
+    lora.convert_npz(str(src), str(tmp_path / "rank1"))                                   # rank 1 is a rank
+    assert files.read_json(str(tmp_path / "rank1" / "adapter_config.json"))["r"] == 1
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_loraA": "A"}, "unexpected key 'x_loraA' (expected base_model.model.<module>_loraA / _loraB / _scaling)"),
+    ({"base_model.model._loraA": "A"}, "unexpected key 'base_model.model._loraA'"),
+    ({"base_model.model.q_lorab": "A"}, "unexpected key 'base_model.model.q_lorab'"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_scaling": "s"}, "base_model.model.q_loraB is missing"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "A", "base_model.model.q_scaling": "s"},
+     "base_model.model.q: expected loraA [r, in], loraB [out, r] and a 0-d scaling, got shapes (2, 4), (2, 4), ()"),
+    ({"base_model.model.q_loraA": "A1", "base_model.model.q_loraB": "B1", "base_model.model.q_scaling": "s"},
+     "expected loraA [r, in], loraB [out, r] and a 0-d scaling, got shapes (2,), (4, 2), ()"),
+    ({"base_model.model.q_loraA": "An", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s"},
+     "base_model.model.q_loraA must hold finite numbers (dtype float64)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "sn"},
+     "base_model.model.q_scaling must hold finite numbers (dtype float64)"),
+    ({"base_model.model.q_loraA": "Ao"}, "array 'base_model.model.q_loraA' cannot be read "
+     "(Object arrays cannot be loaded when allow_pickle=False)"),
+    ({"base_model.model.q_loraA": "A0", "base_model.model.q_loraB": "B0", "base_model.model.q_scaling": "s"},
+     "got shapes (0, 4), (4, 0), ()"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s2"},
+     "got shapes (2, 4), (4, 2), (2,)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s11"},
+     "got shapes (2, 4), (4, 2), (1, 1)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "Bs", "base_model.model.q_scaling": "s"},
+     "base_model.model.q_loraB must hold finite numbers (dtype <U1)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s",
+      "base_model.model.k_loraA": "A", "base_model.model.k_loraB": "B", "base_model.model.k_scaling": "s3"},
+     "ranks [2] / scalings [3.0, 4.0] differ between modules (one rank and one scaling are supported)"),
+])
+def test_convert_npz_errors_name_the_array(tmp_path, arrays, message):
+    import numpy as np
+    values = {"A": np.ones((2, 4)), "B": np.ones((4, 2)), "A1": np.ones(2), "An": np.full((2, 4), np.nan), "sn": np.float64(np.inf), "Ao": np.array([{}], dtype=object), "B1": np.ones((4, 2)), "A0": np.ones((0, 4)),
+              "B0": np.ones((4, 0)), "s": np.float64(4.0), "s2": np.ones(2), "s11": np.ones((1, 1)), "s3": np.float64(3.0),
+              "Bs": np.full((4, 2), "x")}
+    np.savez(tmp_path / "x.npz", **{key: values[v] for key, v in arrays.items()})
+    with pytest.raises(InputError) as error:
+        lora.convert_npz(str(tmp_path / "x.npz"), str(tmp_path / "out"))
+    assert str(error.value) == f"{tmp_path / 'x.npz'}: {message}" or (
+        str(error.value).startswith(f"{tmp_path / 'x.npz'}: ") and message in str(error.value))
+
+
+def test_convert_npz_unreadable_archive_messages(tmp_path, monkeypatch):
+    """A load error is one line: its first line, or its type when it has no text."""
+    import numpy as np
+    src = tmp_path / "x.npz"
+    src.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(InputError, match=r"^.*x\.npz: not a readable \.npz archive \(File is not a zip file\)$"):
+        lora.convert_npz(str(src), str(tmp_path / "out"))
+    with pytest.raises(InputError, match=r"^.*missing\.npz: file not found$"):
+        lora.convert_npz(str(tmp_path / "missing.npz"), str(tmp_path / "out"))
+    monkeypatch.setattr(np, "load", lambda *args, **kwargs: (_ for _ in ()).throw(ValueError()))
+    with pytest.raises(InputError, match=r"^.*x\.npz: not a readable \.npz archive \(ValueError\)$"):
+        lora.convert_npz(str(src), str(tmp_path / "out"))
