@@ -4,8 +4,10 @@ Each test checks a property of a public function against hand-computed values or
 oracle; the comment says which claim it protects. Fast: tiny tensors and tiny random models only."""
 import contextlib
 import copy
+import json
 import math
 import re
+import types
 
 import pytest
 import torch
@@ -87,6 +89,45 @@ def test_scorers_cap_at_512_tokens_and_put_inputs_on_their_device(monkeypatch):
     model = SimpleNamespace(config=SimpleNamespace(n_positions=64))
     assert rewards.FluencyScorer(model, tok, device="cuda:1").perplexity(["a b"], ["c"]).tolist() == [1.0]
     assert tok.calls == [("pad", 0, "cuda:1")]
+
+
+def test_label_index_names_and_numbers_the_labels():
+    """A multi-label classifier's output: a name from id2label or an index; without id2label the labels are
+    their indices; errors list the labels and the index range."""
+    raw = {"id2label": {"0": "advice", "1": "autonomy", "2": "other"}}
+    assert rewards.label_index(raw, 3, "autonomy", "d") == 1 and rewards.label_index(raw, 3, "2", "d") == 2
+    assert rewards.label_index({}, 2, "1", "d") == 1 and rewards.label_index({}, 1, None, "d") is None
+    with pytest.raises(InputError, match=r"^d: the classifier has 2 labels \(0, 1\): name the one to score as NAME=DIR:LABEL$"):
+        rewards.label_index({}, 2, None, "d")
+    with pytest.raises(InputError, match=r"^d: unknown label 'x' \(labels: advice, autonomy, other, or an index 0-2\)$"):
+        rewards.label_index(raw, 3, "x", "d")
+    with pytest.raises(InputError, match=r"^d: unknown label '2' \(labels: 0, 1, or an index 0-1\)$"):
+        rewards.label_index({"id2label": {"0": "0"}}, 2, "2", "d")
+
+
+def test_load_scorer_passes_device_and_batch_size_and_names_a_wrong_model(tmp_path, monkeypatch):
+    """Every scorer is built on the given device with the given batch size (default 32); a folder that is no
+    known kind of scorer is one line naming its model_type (and architectures when the config has them)."""
+    seen = []
+    record = lambda kind: classmethod(lambda cls, directory, device="unset", batch_size="unset", **kw: (  # noqa: E731
+        seen.append((kind, device, batch_size, kw.get("label"))), types.SimpleNamespace())[1])
+    monkeypatch.setattr(rewards.FluencyScorer, "from_dir", record("fluency"))
+    monkeypatch.setattr(rewards.ClassifierScorer, "from_dir", record("classifier"))
+    monkeypatch.setattr(rewards.ReflectionScorer, "from_dir", record("reflection"))
+    for model_type in ("gpt2", "bert", "xlnet"):
+        (tmp_path / model_type).mkdir()
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+    rewards.load_scorer("reflection", "r", device="cuda:1", batch_size=4)
+    rewards.load_scorer("reflection", "r")
+    assert rewards.load_scorer("lm", str(tmp_path / "gpt2"), device="cuda:1", batch_size=4).name == "lm"
+    rewards.load_scorer("lm", str(tmp_path / "gpt2"))
+    rewards.load_scorer("cls", str(tmp_path / "bert"), "x", device="cuda:1", batch_size=4)
+    rewards.load_scorer("cls", str(tmp_path / "bert"), "x")
+    assert seen == [("reflection", "cuda:1", 4, None), ("reflection", "cpu", 32, None), ("fluency", "cuda:1", 4, None),
+                    ("fluency", "cpu", 32, None), ("classifier", "cuda:1", 4, "x"), ("classifier", "cpu", 32, "x")]
+    with pytest.raises(InputError, match=r"^.*xlnet: cannot score objective 'x' with this model \(model_type 'xlnet'\); "
+                                         r"expected a BERT, DistilBERT or RoBERTa sequence classifier or a GPT-2 LM$"):
+        rewards.load_scorer("x", str(tmp_path / "xlnet"))
 
 
 # ----------------------------------------------------------------------------- report.py
