@@ -318,7 +318,7 @@ def check_finished_run(run_dir, args):
         trained = files.read_json(os.path.join(run_dir, "summary.json")).get("objectives", list(SCORER_NAMES))
         if trained != list(args.objectives):
             raise files.InputError(f"{run_dir} combined {','.join(trained)}, not {','.join(args.objectives)}: "
-                                "choose another --runs folder or delete it")
+                                   "choose another --runs folder or delete it")
 
 
 def exit_with_parent(parent_pid):

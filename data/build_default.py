@@ -206,8 +206,8 @@ def build_policy(directory, train, heldout, vocab_texts, seed, epochs):
         heldout=heldout_tensors, **{k: v for k, v in POLICY_TRAIN.items() if k != "epochs"})
     t5.save_t5(model, tokenizer, directory)
     files.write_json(os.path.join(directory, "tokenizer_config.json"),
-                  {"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": MAX_SOURCE,
-                   "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
+                     {"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": MAX_SOURCE,
+                      "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
     return heldout_tensors
 
 
@@ -277,9 +277,9 @@ def build_reflection(directory, train, seed, epochs):
     files.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     files.write_json(os.path.join(directory, "config.json"), hf)
     files.write_json(os.path.join(directory, "tokenizer_config.json"),
-                  {"tokenizer_class": "RobertaTokenizer", "model_max_length": spec["positions"],
-                   "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
-                   "pad_token": "<pad>", "unk_token": "<unk>"})
+                     {"tokenizer_class": "RobertaTokenizer", "model_max_length": spec["positions"],
+                      "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+                      "pad_token": "<pad>", "unk_token": "<unk>"})
 
 
 # ----------------------------------------------------------------------------- 4. empathy scorer
@@ -295,7 +295,7 @@ def build_empathy(directory, train, labels, seed, epochs):
     os.makedirs(directory, exist_ok=True)
     files.atomic_write(os.path.join(directory, "vocab.txt"), "".join(token + "\n" for token in vocab))
     files.write_json(os.path.join(directory, "tokenizer_config.json"),
-                  {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": spec["positions"]})
+                     {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": spec["positions"]})
     tokenizer = bert.WordPieceTokenizer(vocab)
     config, hf = encoder_config(spec, len(vocab), "bert")
     torch.manual_seed(seed)
@@ -352,11 +352,11 @@ def build_fluency(directory, train, heldout, seed, epochs):
             **{k: v for k, v in FLUENCY_TRAIN.items() if k != "epochs"})
     files.save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     files.write_json(os.path.join(directory, "config.json"),
-                  {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **dataclasses.asdict(config),
-                   "n_ctx": config.n_positions, "bos_token_id": eos, "eos_token_id": eos, "resid_pdrop": spec["dropout"], "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+                     {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **dataclasses.asdict(config),
+                      "n_ctx": config.n_positions, "bos_token_id": eos, "eos_token_id": eos, "resid_pdrop": spec["dropout"], "embd_pdrop": 0.0, "attn_pdrop": 0.0})
     files.write_json(os.path.join(directory, "tokenizer_config.json"),
-                  {"tokenizer_class": "GPT2Tokenizer", "model_max_length": spec["n_positions"], "bos_token": "<|endoftext|>",
-                   "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False})
+                     {"tokenizer_class": "GPT2Tokenizer", "model_max_length": spec["n_positions"], "bos_token": "<|endoftext|>",
+                      "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False})
 
 
 # ----------------------------------------------------------------------------- 6. autonomy scorer
@@ -377,7 +377,7 @@ def build_autonomy(directory, train, labels, vocab_directory, seed, epochs):
     with open(os.path.join(vocab_directory, "vocab.txt"), "rb") as f:
         files.atomic_write(os.path.join(directory, "vocab.txt"), f.read())
     files.write_json(os.path.join(directory, "tokenizer_config.json"),
-                  {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": spec["positions"]})
+                     {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": spec["positions"]})
     tokenizer = bert.WordPieceTokenizer.from_dir(directory)
     config, hf = encoder_config(spec, tokenizer.vocab_size, "bert", labels=AUTONOMY_LABELS)
     torch.manual_seed(seed)
