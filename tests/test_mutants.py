@@ -57,7 +57,7 @@ class RecordingTokenizer:
         return [5] * len(text.split())
 
     def pad(self, rows, pad_id, device="unset"):
-        self.calls.append(("pad", pad_id, device))
+        self.calls.append(("pad", device))
         return torch.zeros(len(rows), 2, dtype=torch.long), torch.ones(len(rows), 2, dtype=torch.long)
 
 
@@ -88,7 +88,7 @@ def test_scorers_cap_at_512_tokens_and_put_inputs_on_their_device(monkeypatch):
     tok = RecordingTokenizer()
     model = SimpleNamespace(config=SimpleNamespace(n_positions=64))
     assert rewards.FluencyScorer(model, tok, device="cuda:1").perplexity(["a b"], ["c"]).tolist() == [1.0]
-    assert tok.calls == [("pad", 0, "cuda:1")]
+    assert tok.calls == [("pad", "cuda:1")]
 
 
 def test_label_index_names_and_numbers_the_labels():
