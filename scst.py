@@ -13,6 +13,8 @@ softmax's (recomputed by teacher forcing, not the top-k sampler's) and the sums 
 real tokens (up to and including the first `</s>`). Validation every 8 steps from step 8: k sampled
 responses per aggregation prompt, eval mode; convergence when the CV of the last 20 validation rewards
 (mean of the trained objectives' clipped scores) is < 0.015. DynaOpt: class DynaOpt (two Exp3 bandits).
+Speed without changing the maths: sampling runs on the adapter merged into the weights (sample_responses),
+and the log-probs + KL carry a hand-written gradient (token_logprobs_and_kl, checked against autograd).
 
 Deviations from the paper / public code:
 - The public code computes its KL term under `no_grad` (and multiplies it by zero-mean advantages),
