@@ -220,6 +220,16 @@ def unmerge(model):
             m.unmerged = None
 
 
+@contextmanager
+def merged(model, weights: dict[str, float]):
+    """merge(model, weights) inside the block (no gradient is taken there), unmerge after, even on error."""
+    merge(model, weights)
+    try:
+        yield model
+    finally:
+        unmerge(model)
+
+
 def base_fingerprint(model) -> dict:
     """Names + shapes of the base parameters and (sum, sum|x|) of the first 64 entries of ≤ 8 of them."""
     original = {f"{path}.weight": m.unmerged for path, m in _layers(model) if m.unmerged is not None}

@@ -230,12 +230,9 @@ def sample_responses(model, input_ids, attention_mask, args, generator) -> torch
     """Responses drawn from the policy (top-k, temperature 1). Nothing is differentiated here, so the adapter
     is merged into the weights for the draw (Eq. 4 with w = 1: one matmul per layer instead of three) and
     unmerged after (W0 copied back bit for bit); the loss's log-probs are recomputed unmerged."""
-    lora.merge(model, {args.objective: 1.0})
-    try:
+    with lora.merged(model, {args.objective: 1.0}):
         return t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=args.top_k,
                            max_new_tokens=args.max_new_tokens, generator=generator)[0]
-    finally:
-        lora.unmerge(model)
 
 
 @torch.no_grad()

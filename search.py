@@ -122,11 +122,8 @@ def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, 
     cfg, batch = model.config, input_ids.shape[0]
     sampling = dict(do_sample=do_sample, top_k=top_k if do_sample else 0, generator=generator)
     if level == "param":  # Appendix 11.1, Eq. (4): one model, θ0 + Σ_i w_i ΔW_i with the raw weights
-        lora.merge(model, dict(zip(names, weights)))
-        try:  # merged layers bypass their adapters until unmerge
+        with lora.merged(model, dict(zip(names, weights))):  # merged layers bypass their adapters until unmerge
             return t5.generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, **sampling)[0]
-        finally:
-            lora.unmerge(model)
     weights = normalise(weights)  # hidden, logit: argmax is invariant to a positive factor
     k = len(names)
     rows = lora.adapter_major_rows(k, batch).to(input_ids.device)  # row r runs adapter r // B

@@ -120,6 +120,20 @@ def test_merge_equals_weighted_forward_and_unmerge_is_exact():
     assert torch.equal(model(X), single)
 
 
+def test_merged_block_merges_and_restores_the_base_even_on_error():
+    model = toy_with_adapters()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with lora.weighted_adapters(model, {"b": 0.5}):
+        unmerged = model(X)
+    with lora.merged(model, {"b": 0.5}):
+        torch.testing.assert_close(model(X), unmerged, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="inside"):
+        with lora.merged(model, {"a": 1.0}):
+            raise RuntimeError("inside")
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
 def test_optimizer_step_changes_only_the_active_adapter():
     model = toy_with_adapters().train()
     lora.set_adapter(model, "b")
