@@ -49,38 +49,35 @@ def build(shape, eos, device):
     return hf.to(device).eval(), ours.to(device).eval()
 
 
+def gemms(pairs, device="cpu", repeats=1):
+    """One timed call of F.linear(x, w) for every (weight, rows) pair, `repeats` times, random x [rows, in]."""
+    inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], device=device) for w, rows in pairs}
+
+    def run():
+        with torch.no_grad():
+            for _ in range(repeats):
+                for w, rows in pairs:
+                    torch.nn.functional.linear(inputs[rows, w.shape[1]], w)
+    return run
+
+
 def decode_floor(model, rows, head_rows=None, steps=64, device="cpu"):
-    """One timed call of the matrix multiplies a cached decode cannot avoid, and nothing else: per step,
-    every decoder linear layer on `rows` new tokens (cross-attention K/V are computed once per prompt,
-    so not here) and the LM head on `head_rows` (default `rows`). Base weights only, random inputs."""
+    """The matrix multiplies a cached decode cannot avoid, and nothing else: per step, every decoder linear
+    layer on `rows` new tokens (cross-attention K/V are computed once per prompt, so not here) and the LM
+    head on `head_rows` (default `rows`). Base weights only, random inputs."""
     weights = [m.weight for name, m in model.decoder.named_modules() if isinstance(m, torch.nn.Linear)
                and not name.endswith(("EncDecAttention.k", "EncDecAttention.v"))]
     head = model.shared.weight if model.config.tie_word_embeddings else model.lm_head.weight
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device) for w in weights}
-    head_input = torch.randn(head_rows or rows, head.shape[1], device=device)
-
-    def run():
-        with torch.no_grad():
-            for _ in range(steps):
-                for w in weights:
-                    torch.nn.functional.linear(inputs[w.shape[1]], w)
-                torch.nn.functional.linear(head_input, head)
-    return run
+    return gemms([(w, rows) for w in weights] + [(head, head_rows or rows)], device, repeats=steps)
 
 
 def encoder_floor(model, rows, device="cpu"):
-    """One timed call of the prompt's matrix multiplies, which `decode_floor` leaves out: every encoder linear
-    layer on `rows` prompt tokens and the decoder's cross-attention K/V projections of the encoder output."""
+    """The prompt's matrix multiplies, which `decode_floor` leaves out: every encoder linear layer on `rows`
+    prompt tokens and the decoder's cross-attention K/V projections of the encoder output."""
     weights = [m.weight for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
     weights += [m.weight for name, m in model.decoder.named_modules()
                 if name.endswith(("EncDecAttention.k", "EncDecAttention.v"))]
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device) for w in weights}
-
-    def run():
-        with torch.no_grad():
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
-    return run
+    return gemms([(w, rows) for w in weights], device)
 
 
 def ratio_line(measure, ratio, goal, floor_ratio=None):
