@@ -65,20 +65,20 @@ HQ, MQ, LQ = ("hq1", "hq2"), ("mq1",), ("lq1", "lq2", "lq3", "lq4", "lq5")
 # The recipe. Epochs are multiplied by `scale`; sizes are fixed.
 SPIECE_VOCAB = 2000   # most words whole pieces: greedy output of a tiny model is real words, not sub-word babble
 POLICY = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
-              dropout_rate=0.1, feed_forward_proj="relu", tie_word_embeddings=True)
-POLICY_TRAIN = dict(epochs=6, batch_size=16, lr=1e-3)
+              dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True)
+POLICY_TRAIN = dict(epochs=12, batch_size=64, lr=3e-3)
 RESTORE_DROP = 0.25
 REFLECTION = dict(vocab=1200, hidden=96, layers=2, heads=4, intermediate=384, positions=256)
-REFLECTION_TRAIN = dict(epochs=6, batch_size=16, lr=5e-4)
+REFLECTION_TRAIN = dict(epochs=6, batch_size=32, lr=5e-4)
 EMPATHY = dict(vocab=1200, hidden=96, layers=2, heads=4, intermediate=384, positions=256)
-EMPATHY_TRAIN = dict(epochs=6, batch_size=16, lr=5e-4)
+EMPATHY_TRAIN = dict(epochs=6, batch_size=32, lr=5e-4)
 # Fluency: a near byte-level vocabulary (43 merges) keeps the per-token perplexity of held-out text
 # around 20, where (50 - ppl) / 50 separates responses; with 600+ tokens it was > 50 (score 0).
 FLUENCY = dict(vocab=300, n_embd=96, n_layer=2, n_head=4, n_positions=384, dropout=0.2)
-FLUENCY_TRAIN = dict(epochs=6, batch_size=16, lr=1e-3)
+FLUENCY_TRAIN = dict(epochs=3, batch_size=32, lr=1e-3)
 # Autonomy: smaller than empathy (< 1 MB), on the empathy scorer's WordPiece vocabulary (copied).
 AUTONOMY = dict(hidden=64, layers=2, heads=4, intermediate=256, positions=256)
-AUTONOMY_TRAIN = dict(epochs=10, batch_size=16, lr=5e-4)
+AUTONOMY_TRAIN = dict(epochs=8, batch_size=32, lr=5e-4)
 AUTONOMY_LABELS = ("advice", "autonomy")       # index 0, 1: the score is P(label "autonomy")
 TRAIN_DROPOUT = 0.1
 MAX_SOURCE, MAX_TARGET = 128, 64     # SPEC §1: encoder input <= 128 tokens, <= 64 new tokens
@@ -184,7 +184,7 @@ def response_pairs(examples):
     base model learns to answer a client in all eight ways at once, five of them poor, as a pre-trained
     model that has seen counselling talk but was never taught what a good reflection is (the paper's
     T5-base starts at reflection 0.04): every kind is in its samples, no kind is its goal."""
-    return [(data.policy_input(e.prompt), e.responses[c]) for e in examples for c in data.RESPONSE_COLUMNS]
+    return [(data.policy_input(e.prompt), e.responses[c]) for e in examples for c in data.RESPONSE_COLUMNS if c in e.responses]
 
 
 def restore_pairs(texts, seed):
@@ -208,7 +208,7 @@ def build_policy(directory, train, heldout, vocab_texts, seed, epochs):
     tokenizer = t5.T5Tokenizer(os.path.join(directory, "spiece.model"))
     torch.manual_seed(seed)
     model = t5.T5ForConditionalGeneration(t5.T5Config(vocab_size=tokenizer.vocab_size, **POLICY))
-    restore_texts = [text for e in train for text in (e.prompt, *e.responses.values())]
+    restore_texts = [e.prompt for e in train] + [e.responses["output"] for e in train if "output" in e.responses]
     pairs = response_pairs(train) + restore_pairs(restore_texts, seed)
     heldout_tensors = seq2seq_tensors(tokenizer, reflection_pairs(heldout))
     fit("policy", model, seq2seq_tensors(tokenizer, pairs), seq2seq_loss, epochs=epochs, seed=seed,
