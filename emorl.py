@@ -353,6 +353,9 @@ def cmd_train(args):
     else:
         import multiprocessing
         print(f"training {', '.join(objectives)} in {jobs} processes on {', '.join(devices)}", flush=True)
+        # The jobs share the machine's cores: each gets its share of torch threads (the spawned processes read
+        # OMP_NUM_THREADS when they import torch), not all of them each, unless the caller set it.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         with multiprocessing.get_context("spawn").Pool(jobs, exit_with_parent, (os.getpid(),)) as pool:  # an error stops every job
             summaries = [summary for done in pool.imap_unordered(train_job, plan) for summary in done]
             pool.close()
