@@ -296,29 +296,21 @@ def train_job(job) -> list[dict]:
         run_args = copy.copy(args)
         run_args.objective, run_args.device = objective, device
         run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
-        if os.path.exists(os.path.join(run_dir, "summary.json")):
-            check_finished_run(run_dir, run_args)
-            print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
+        model, tokenizer = load_policy(run_args)
+        settings = scst.run_settings(run_args, model, splits["train"], validation_prompts)
+        finished = scst.finished_summary(run_dir, run_args, settings)
+        if finished is not None:
+            state = "converged" if finished["converged"] else f"stopped at --max-steps {finished['steps']}"
+            print(f"{run_dir}: already finished ({state}); delete the folder to train again", flush=True)
             continue
         if device not in scorers:
             scorers[device] = load_scorers(run_args, names, known)
-        model, tokenizer = load_policy(run_args)
         summary = scst.train(model, tokenizer, scorers[device], splits["train"], validation_prompts, run_args, run_dir)
         print(f"{objective}: {summary['steps']} steps, {summary['data_points']} data points, "
               f"{summary['wall_seconds']:.1f}s, converged {summary['converged']}, "
               f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
         summaries.append(summary)
     return summaries
-
-
-def check_finished_run(run_dir, args):
-    """A finished uniform / dynaopt run must have combined the objectives asked for now."""
-    import files
-    if args.objective in BASELINES:
-        trained = files.read_json(os.path.join(run_dir, "summary.json")).get("objectives", list(SCORER_NAMES))
-        if trained != list(args.objectives):
-            raise files.InputError(f"{run_dir} combined {','.join(trained)}, not {','.join(args.objectives)}: "
-                                   "choose another --runs folder or delete it")
 
 
 def exit_with_parent(parent_pid):

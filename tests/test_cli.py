@@ -1,4 +1,5 @@
 """The command line: every user error is one line `error: ...` and exit status 2, never a traceback."""
+import json
 import os
 import subprocess
 import sys
@@ -212,3 +213,70 @@ def test_bad_plugged_scorer(spec, needles, two_label_classifier, tmp_path, capsy
     else:
         monkeypatch.chdir(tmp_path)
         assert_main_error(capsys, argv, *needles)
+
+
+# ----------------------------------------------------------------------------- a finished run, rerun
+@pytest.fixture(scope="module")
+def tiny_training(tmp_path_factory):
+    """Flags of a tiny `train reflection` (a d_model 16 policy, one validation prompt): a run costs < 1 s."""
+    from test_objectives import tiny_policy
+    policy = tiny_policy(tmp_path_factory.mktemp("policy"))
+    return ["--policy", policy, "--sample", "0.1", "--batch-size", "2", "--samples-per-prompt", "2",
+            "--val-every", "3", "--val-prompts", "1", "--max-new-tokens", "8"]
+
+
+def train_in_process(capsys, *argv):
+    import emorl
+    assert emorl.main(["train", "reflection", *argv]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def run_files(folder):
+    import hashlib
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in ("adapter/adapter_model.safetensors", "train.jsonl", "checkpoint.pt", "summary.json")}
+
+
+@pytest.mark.parametrize("change", [["--lr", "0.001"], ["--batch-size", "3"], ["--beta", "0.1"], ["--top-k", "0"],
+                                    ["--val-every", "2"], ["--cv-tolerance", "0.02"],
+                                    ["--max-steps", "3"], ["--val-prompts", "2"]])
+def test_a_finished_run_rerun_with_another_setting_is_refused(tiny_training, change, tmp_path, capsys, monkeypatch):
+    """Not "already finished" with the old result: one line naming the flag, the run's files untouched."""
+    monkeypatch.chdir(tmp_path)
+    train_in_process(capsys, *tiny_training, "--max-steps", "4")
+    before = run_files(tmp_path / "runs" / "reflection-0")
+    flag = {"--val-prompts": "training/validation prompts"}.get(change[0], change[0])
+    assert_main_error(capsys, ["train", "reflection", *tiny_training, "--max-steps", "4", *change], flag)
+    assert run_files(tmp_path / "runs" / "reflection-0") == before
+
+
+def test_a_larger_max_steps_continues_a_finished_run_as_if_it_never_stopped(tiny_training, tmp_path, capsys,
+                                                                             monkeypatch):
+    """8 steps, then --max-steps 16 (checkpoints every 3 steps: the continuation replays step 7-8 from
+    the step-6 checkpoint) == a straight 16-step run: the same adapter bytes, the same log."""
+    monkeypatch.chdir(tmp_path)
+    train_in_process(capsys, *tiny_training, "--max-steps", "16", "--runs", "straight")
+    train_in_process(capsys, *tiny_training, "--max-steps", "8", "--runs", "continued")
+    out = train_in_process(capsys, *tiny_training, "--max-steps", "8", "--runs", "continued")
+    assert "already finished (stopped at --max-steps 8)" in out      # the same --max-steps: nothing to do
+    train_in_process(capsys, *tiny_training, "--max-steps", "16", "--runs", "continued")
+    straight, continued = run_files(tmp_path / "straight" / "reflection-0"), run_files(tmp_path / "continued" / "reflection-0")
+    assert straight["adapter/adapter_model.safetensors"] == continued["adapter/adapter_model.safetensors"]
+
+    def log(folder):
+        rows = [json.loads(line) for line in (tmp_path / folder / "reflection-0" / "train.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
+    assert log("straight") == log("continued") and len(log("straight")) == 16 + 6
+    summary = json.loads((tmp_path / "continued" / "reflection-0" / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["hyperparameters"]["max_steps"] == 16
+
+
+def test_a_converged_run_stays_finished(tiny_training, tmp_path, capsys, monkeypatch):
+    """Converged at the second counted validation (window 2, any CV below 10): more steps change nothing."""
+    monkeypatch.chdir(tmp_path)
+    converge = [*tiny_training, "--cv-window", "2", "--cv-tolerance", "10"]
+    train_in_process(capsys, *converge, "--max-steps", "20")
+    before = run_files(tmp_path / "runs" / "reflection-0")
+    assert json.loads((tmp_path / "runs" / "reflection-0" / "summary.json").read_text())["steps"] == 6
+    out = train_in_process(capsys, *converge)                        # default --max-steps 10000
+    assert "already finished (converged)" in out and run_files(tmp_path / "runs" / "reflection-0") == before
