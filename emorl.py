@@ -165,6 +165,11 @@ def add_model_flags(parser, scorers=True, device_type=device):
     parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same result)")
 
 
+def add_force_flag(parser):
+    parser.add_argument("--force", action="store_true", help="use an adapter given as another objective than the "
+                        "one it records (a warning line instead of an error)")
+
+
 def add_data_flags(parser):
     parser.add_argument("--data", default=DEFAULT_DATA, help="PAIR .csv or Psych8k .json file")
     parser.add_argument("--sample", type=fraction, default=1.0, help="use this fraction of the data, in (0, 1] (e.g. 0.1)")
@@ -356,7 +361,9 @@ def cmd_train(args):
 
 def adapter_dirs(args, names, unique=False) -> list[str]:
     """The objective adapters' folders: --adapters, or the newest finished run of each objective;
-    unique: one folder twice is refused (search would decode identical adapters for nothing)."""
+    unique: one folder twice is refused (search would decode identical adapters for nothing); an adapter
+    trained for another objective is refused (lora.check_objective; --force: a warning line)."""
+    import lora
     from files import InputError
     directories = args.adapters or newest_adapters(args.runs, names)
     if len(directories) != len(names):
@@ -365,6 +372,9 @@ def adapter_dirs(args, names, unique=False) -> list[str]:
     if unique and len(set(real)) != len(real):
         twice = next(d for d, r in zip(directories, real) if real.count(r) > 1)
         raise InputError(f"--adapters: {twice} is given more than once; give one adapter folder per objective")
+    for name, directory in zip(names, directories):  # before any model is loaded
+        if warning := lora.check_objective(directory, name, args.force):
+            print(warning, file=sys.stderr, flush=True)
     return [os.path.abspath(d) for d in directories]
 
 
@@ -440,7 +450,8 @@ def cmd_evaluate(args):
     prompts = [e.prompt for e in load_splits(args)["inference"]]
     results = evaluate.evaluate(lambda: load_policy(args), load_scorers(args, names, known), prompts, args.runs,
                                 search_result, batch_size=args.batch_size, device=args.device, objectives=names,
-                                greedy=args.greedy, generation_runs=args.generation_runs, seed=args.seed)
+                                greedy=args.greedy, generation_runs=args.generation_runs, seed=args.seed,
+                                force=args.force)
     markdown, table_csv = evaluate.tables(results, objectives=names)
     files.atomic_write(args.out + ".md", markdown)
     files.atomic_write(args.out + ".csv", table_csv)
@@ -512,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--adapters", nargs="+", metavar="DIR",
                          help="adapter folders, one per objective in --objectives order (default: newest runs)")
         sub.add_argument("--level", choices=["hidden", "logit", "param"], default="hidden", help="aggregation level")
+        add_force_flag(sub)
 
     search_cmd = commands.add_parser("search", help="hierarchical grid search of the aggregation weights (Algorithm 1)")
     add_model_flags(search_cmd)
@@ -543,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "single-policy methods sampled top-50, EMORL greedy)")
     evaluate_cmd.add_argument("--generation-runs", type=positive, default=3,
                               help="sampled generation runs per trained model (seeds SEED, SEED+1, ...)")
+    add_force_flag(evaluate_cmd)
     evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
 

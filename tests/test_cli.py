@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMORL = os.path.join(ROOT, "emorl.py")
 
@@ -79,13 +81,19 @@ DEFAULT_POLICY = os.path.join(ROOT, "data", "default", "policy")
 
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory):
+    """Folder of a reflection adapter; its siblings `empathy` and `fluency` hold those objectives'."""
     import lora
     import t5
     folder = tmp_path_factory.mktemp("adapter")
     model, _ = t5.load_t5(DEFAULT_POLICY)
-    lora.add_adapter(model, "a")
-    lora.save_adapter(model, "a", str(folder / "good"))
-    return folder / "good"
+    for name in ("reflection", "empathy", "fluency"):
+        lora.add_adapter(model, name)
+        lora.save_adapter(model, name, str(folder / name))
+    return folder / "reflection"
+
+
+def three(saved_adapter):
+    return [str(saved_adapter.parent / name) for name in ("reflection", "empathy", "fluency")]
 
 
 def copy_adapter(source, target):
@@ -95,37 +103,72 @@ def copy_adapter(source, target):
 
 
 def test_generate_with_valid_adapters_prints_a_reflection(saved_adapter):
-    good = str(saved_adapter)
-    result = run("generate", "I can't sleep before exams.", "--weights", "0.8,0.5,0.05", "--adapters", good, good, good)
-    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    result = run("generate", "I can't sleep before exams.", "--weights", "0.8,0.5,0.05", "--adapters", *three(saved_adapter))
+    assert result.returncode == 0 and result.stdout.strip() and not result.stderr.strip(), result.stderr
 
 
 def test_corrupt_adapter_file(saved_adapter, tmp_path):
-    bad = copy_adapter(saved_adapter, tmp_path / "bad")
+    bad = copy_adapter(saved_adapter.parent / "empathy", tmp_path / "bad")
     (bad / "adapter_model.safetensors").write_bytes(b"\x00not a safetensors file")
-    good = str(saved_adapter)
-    result = run("generate", "hi", "--weights", "1,1,1", "--adapters", good, str(bad), good)
+    reflection, _, fluency = three(saved_adapter)
+    result = run("generate", "hi", "--weights", "1,1,1", "--adapters", reflection, str(bad), fluency)
     assert_one_line_error(result, "adapter_model.safetensors")
 
 
 def test_adapter_with_another_rank(saved_adapter, tmp_path):
-    import json
     bad = copy_adapter(saved_adapter, tmp_path / "rank")
     config = json.loads((bad / "adapter_config.json").read_text())
     config["r"] = 4
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    good = str(saved_adapter)
-    assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", str(bad), good, good), "shape")
+    _, empathy, fluency = three(saved_adapter)
+    assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", str(bad), empathy, fluency), "shape")
+
+
+def test_an_adapter_given_as_another_objective_is_refused(saved_adapter, tmp_path, capsys, monkeypatch):
+    """Three copies of one adapter do not pass as reflection, empathy and fluency: search, generate and
+    evaluate refuse it with one line; --force uses it with a warning line; an adapter that records no
+    objective (peft's, a converted .npz) is used with a warning line."""
+    import lora
+    reflection, empathy, fluency = three(saved_adapter)
+    assert [lora.saved_objective(d) for d in three(saved_adapter)] == ["reflection", "empathy", "fluency"]
+    needles = [f"{reflection}: adapter trained for 'reflection', given as 'empathy'", "--force"]
+    assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", reflection, reflection, fluency),
+                          *needles)
+    monkeypatch.chdir(tmp_path)
+    copy = str(copy_adapter(reflection, tmp_path / "copy"))   # search refuses one folder twice
+    assert_main_error(capsys, ["search", "--adapters", reflection, copy, fluency, "--iterations", "1"],
+                      f"{copy}: adapter trained for 'reflection', given as 'empathy'")
+    runs = tmp_path / "runs"                           # evaluate finds runs/<objective>-<seed>/adapter
+    for name, source in (("reflection", reflection), ("empathy", reflection)):
+        copy_adapter(source, runs / f"{name}-0" / "adapter")
+        (runs / f"{name}-0" / "summary.json").write_text("{}")
+    assert_main_error(capsys, ["evaluate", "--runs", str(runs), "--search", "none.json"],
+                      f"{runs / 'empathy-0' / 'adapter'}: adapter trained for 'reflection', given as 'empathy'")
+    assert not (tmp_path / "evaluate.md").exists()
+
+    import emorl
+    assert emorl.main(["generate", "hi", "--weights", "1,1,1", "--adapters", reflection, reflection, fluency,
+                       "--max-new-tokens", "4", "--force"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {reflection}: adapter trained for 'reflection', used as 'empathy' (--force)"]
+    imported = copy_adapter(saved_adapter.parent / "empathy", tmp_path / "imported")
+    tensors = files.load_safetensors(str(imported / "adapter_model.safetensors"))
+    files.save_safetensors(tensors, str(imported / "adapter_model.safetensors"), {"format": "pt"})   # as peft writes it
+    assert emorl.main(["generate", "hi", "--weights", "1,1,1", "--adapters", reflection, str(imported), fluency,
+                       "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {imported} records no objective (an imported adapter?): used as 'empathy'"]
 
 
 def test_adapter_of_another_base_model(tmp_path):
     import lora
     import t5
     other = t5.T5ForConditionalGeneration(t5.T5Config.from_json(os.path.join(DEFAULT_POLICY, "config.json")))
-    lora.add_adapter(other, "a")
-    lora.save_adapter(other, "a", str(tmp_path / "other"))
-    folder = str(tmp_path / "other")
-    assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", folder, folder, folder), "another base")
+    for name in ("reflection", "empathy", "fluency"):
+        lora.add_adapter(other, name)
+        lora.save_adapter(other, name, str(tmp_path / name))
+    folders = [str(tmp_path / name) for name in ("reflection", "empathy", "fluency")]
+    assert_one_line_error(run("generate", "hi", "--weights", "1,1,1", "--adapters", *folders), "another base")
 
 
 def test_missing_scorer_weights(tmp_path):
