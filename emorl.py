@@ -45,10 +45,10 @@ OBJECTIVE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")   # a run folder <name>-<s
 # ----------------------------------------------------------------------------- flags, checked at parse time
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every flag's default beside its help text (a None default is explained in the text
-    itself), and descriptions as written."""
+    itself, and an on/off switch's False says nothing), and descriptions as written."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,6 +60,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a sub-command's unknown flag from the top parser (`emorl.py --help`); the
+        # sub-command's own parser names its --help, which lists the flags it does take.
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            commands = getattr(self, "commands", None)  # set by build_parser
+            parser = commands.choices.get(getattr(args, "command", None), self) if commands else self
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args
 
     def parse_known_args(self, args=None, namespace=None):
         # "--weights -1,0.5,0.5": argparse takes a value that starts with "-" for a flag and never shows the
@@ -301,6 +311,9 @@ def train_job(job) -> list[dict]:
         run_args = copy.copy(args)
         run_args.objective, run_args.device = objective, device
         run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
+        if args.objective == "all":  # the log lines below say no objective: a header per run
+            print(f"== train {objective} ({args.objectives.index(objective) + 1}/{len(args.objectives)}) "
+                  f"on {device} -> {run_dir}", flush=True)
         model, tokenizer = load_policy(run_args)
         settings = scst.run_settings(run_args, model, splits["train"], validation_prompts)
         finished = scst.finished_summary(run_dir, run_args, settings)
@@ -486,7 +499,7 @@ def cmd_build_default(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="emorl.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
     train.add_argument("objective", help="reflection, empathy, fluency, a plugged objective (--scorer), uniform, "

@@ -460,11 +460,12 @@ class TrainingRun:
         tqdm.write(line)
 
     def progress(self) -> str:
-        """What the progress bar can honestly say: validations so far and the CV against the tolerance."""
+        """What the progress bar can honestly say: validations so far (as many as the log's `val` lines;
+        the step-0 one is not counted by the CV rule) and the CV against the tolerance."""
         cv = coefficient_of_variation(self.history, self.args.cv_window)
         rule = (f"CV {cv:.4f} (stops < {self.args.cv_tolerance})" if cv is not None else
-                f"CV from validation {self.args.cv_window}")
-        return f"{len(self.history)} validations, {rule}, max {self.args.max_steps} steps"
+                f"CV once {self.args.cv_window} are counted")
+        return f"{len(self.validations)} validations ({len(self.history)} counted), {rule}, max {self.args.max_steps} steps"
 
 
 def _as_tuple(value):

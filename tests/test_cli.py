@@ -323,3 +323,20 @@ def test_a_converged_run_stays_finished(tiny_training, tmp_path, capsys, monkeyp
     assert json.loads((tmp_path / "runs" / "reflection-0" / "summary.json").read_text())["steps"] == 6
     out = train_in_process(capsys, *converge)                        # default --max-steps 10000
     assert "already finished (converged)" in out and run_files(tmp_path / "runs" / "reflection-0") == before
+
+
+def test_train_all_prints_a_header_per_objective_and_counts_every_validation(tiny_training, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Each run's log lines follow a header naming its objective; the progress bar counts the
+    validations as the log shows them (step 0, 2, 4: three, two of them counted by the CV rule)."""
+    import emorl
+    monkeypatch.chdir(tmp_path)
+    assert emorl.main(["train", "all", *tiny_training, "--max-steps", "4", "--val-every", "2"]) == 0
+    captured = capsys.readouterr()
+    headers = [line for line in captured.out.splitlines() if line.startswith("== train")]
+    assert headers == [f"== train {name} ({i}/3) on cpu -> runs/{name}-0"
+                       for i, name in enumerate(("reflection", "empathy", "fluency"), 1)]
+    assert captured.out.index(headers[1]) < captured.out.index("val  0", captured.out.index(headers[1]))
+    assert captured.out.count("val  ") == 9 and "3 validations (2 counted)" in captured.err
+    summary = json.loads((tmp_path / "runs" / "fluency-0" / "summary.json").read_text())
+    assert summary["validations"] == 3
