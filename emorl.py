@@ -374,9 +374,7 @@ def cmd_train(args):
 
 def adapter_dirs(args, names, unique=False) -> list[str]:
     """The objective adapters' folders: --adapters, or the newest finished run of each objective;
-    unique: one folder twice is refused (search would decode identical adapters for nothing); an adapter
-    trained for another objective is refused (lora.check_objective; --force: a warning line)."""
-    import lora
+    unique: one folder twice is refused (search would decode identical adapters for nothing)."""
     from files import InputError
     directories = args.adapters or newest_adapters(args.runs, names)
     if len(directories) != len(names):
@@ -385,17 +383,17 @@ def adapter_dirs(args, names, unique=False) -> list[str]:
     if unique and len(set(real)) != len(real):
         twice = next(d for d, r in zip(directories, real) if real.count(r) > 1)
         raise InputError(f"--adapters: {twice} is given more than once; give one adapter folder per objective")
-    for name, directory in zip(names, directories):  # before any model is loaded
-        if warning := lora.check_objective(directory, name, args.force):
-            print(warning, file=sys.stderr, flush=True)
     return [os.path.abspath(d) for d in directories]
 
 
-def load_adapters(model, directories, names):
-    """Load the adapters into `model`, named by objective."""
+def load_adapters(model, directories, names, force=False):
+    """Load the adapters into `model`, named by objective; one trained for another objective is refused
+    (lora.check_objective; --force: a warning line)."""
     import lora
     for name, directory in zip(names, directories):
         lora.load_adapter(model, directory, name)
+        if warning := lora.check_objective(directory, name, force):
+            print(warning, file=sys.stderr, flush=True)
 
 
 def cmd_search(args):
@@ -417,7 +415,7 @@ def cmd_search(args):
     prompts = [e.prompt for e in load_splits(args)["aggregation"]]
     scorers = load_scorers(args, names, known)
     model, tokenizer = load_policy(args)
-    load_adapters(model, adapters, names)
+    load_adapters(model, adapters, names, args.force)
     objective = search.make_objective(model, tokenizer, names, scorers, prompts, level=args.level,
                                       batch_size=args.batch_size, device=args.device)
     meta = {"adapters": [search.fingerprint(d) for d in adapters], "level": args.level, "data": search.fingerprint(args.data),
@@ -436,7 +434,7 @@ def cmd_generate(args):
     weights = search.parse_weights(args.weights, len(names))
     adapters = adapter_dirs(args, names)
     model, tokenizer = load_policy(args)
-    load_adapters(model, adapters, names)
+    load_adapters(model, adapters, names, args.force)
     ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
     model.eval()
     tokens = search.ensemble_generate(model, names, weights, ids, mask, level=args.level,
