@@ -139,7 +139,7 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets=32, m
     max_distance, one bucket beyond. Bidirectional (encoder) halves the buckets by sign; causal
     (decoder) only looks back. HF's maths, quirks included: where max_distance <= max_exact (e.g.
     64 causal buckets up to 32) the log-spaced range is empty or runs backwards, and distances from
-    max_exact on get garbage (often negative) buckets; `T5Attention.position_bias` marks them."""
+    max_exact on get garbage (often negative) buckets; `bucket_reach` finds where they start."""
     buckets = 0
     if bidirectional:
         num_buckets //= 2
@@ -152,6 +152,16 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets=32, m
                               * (num_buckets - max_exact)).long()
     log_bucket = log_bucket.clamp(max=num_buckets - 1)
     return buckets + torch.where(distance < max_exact, distance, log_bucket)
+
+
+def bucket_reach(bidirectional, num_buckets, max_distance, length) -> int:
+    """The longest sequence, up to `length`, whose every distance (looking back, and forward if
+    bidirectional) has a bucket in range; computed on the CPU from the configuration alone."""
+    distance = torch.arange(length, device="cpu")  # explicitly: whatever the default device
+    relative = torch.stack([-distance, distance]) if bidirectional else -distance[None]
+    buckets = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+    bad = ((buckets < 0) | (buckets >= num_buckets)).any(0)
+    return int(bad.int().argmax()) if bad.any() else length
 
 
 def padding_bias(mask, dtype):
@@ -182,31 +192,24 @@ class T5Attention(nn.Module):
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
     def position_bias(self, query_len, key_len, offset=0):
-        """[1,H,query_len,key_len]; queries sit at positions offset .. offset+query_len-1. A pair whose
-        bucket is out of range (see relative_position_bucket; HF raises IndexError on it) is NaN:
-        the caller refuses to use it (`usable_length`)."""
+        """[1,H,query_len,key_len]; queries sit at positions offset .. offset+query_len-1. Buckets out of
+        range (see relative_position_bucket) are clamped: callers use only distances below
+        `bucket_reach` (the decoder's table is computed for more positions than it serves)."""
         device = self.relative_attention_bias.weight.device
         query = torch.arange(offset, offset + query_len, device=device)[:, None]
         key = torch.arange(key_len, device=device)[None, :]
         buckets = relative_position_bucket(key - query, self.bidirectional, self.num_buckets, self.max_distance)
-        out_of_range = (buckets < 0) | (buckets >= self.num_buckets)
-        bias = self.relative_attention_bias(buckets.clamp(0, self.num_buckets - 1))
-        return bias.masked_fill(out_of_range[:, :, None], math.nan).permute(2, 0, 1).unsqueeze(0)
+        return self.relative_attention_bias(buckets.clamp(0, self.num_buckets - 1)).permute(2, 0, 1).unsqueeze(0)
 
-    def usable_length(self, bias):
-        """Longest sequence a square position bias [1,H,L,L] from `position_bias` serves: the
-        smallest |key - query| with a NaN (validity depends on the signed distance alone)."""
-        bad = bias[0, 0].isnan()
-        if not bad.any():
-            return bias.shape[-1]
-        positions = torch.arange(bias.shape[-1], device=bias.device)
-        return int((positions[:, None] - positions[None, :]).abs()[bad].min())
+    def reach(self, length) -> int:
+        return bucket_reach(self.bidirectional, self.num_buckets, self.max_distance, length)
 
-    def check_length(self, length, limit, stack):
-        if length > limit:
+    def check_length(self, length, reach):
+        """HF raises IndexError on a sequence whose distances reach a bucket out of range: one line here."""
+        if length > reach:
             raise InputError(f"this T5's relative position buckets (relative_attention_num_buckets {self.num_buckets}, "
-                             f"max_distance {self.max_distance}) have no bucket for {stack} sequences over {limit} "
-                             f"tokens (transformers fails there too); this input needs {length}")
+                             f"max_distance {self.max_distance}) have no bucket for {'encoder' if self.bidirectional else 'decoder'} "
+                             f"sequences over {reach} tokens (transformers fails there too); this input needs {length}")
 
     def heads(self, x):  # [B,T,H*dk] -> [B,H,T,dk]
         return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_kv).transpose(1, 2)
@@ -320,7 +323,7 @@ class KVCache:
         self.cross_kv = [None] * num_layers
         self.cross_bias = None
         self.position_bias = None  # [1,H,capacity,capacity], set by T5ForConditionalGeneration.decode
-        self.usable_length = capacity  # rows of position_bias with every bucket in range
+        self.reach = capacity  # rows of position_bias whose buckets are all in range (t5.bucket_reach)
         self.length = 0  # decoder tokens seen
 
     def append(self, layer, key, value):
@@ -371,8 +374,8 @@ class T5ForConditionalGeneration(nn.Module):
         enc = self.encoder
         x = enc.dropout(self.shared(input_ids))
         attention = enc.block[0].layer[0].SelfAttention
+        attention.check_length(x.shape[1], attention.reach(x.shape[1]))
         bias = attention.position_bias(x.shape[1], x.shape[1]).to(x.dtype)
-        attention.check_length(x.shape[1], attention.usable_length(bias), "encoder")
         bias = bias + padding_bias(attention_mask, x.dtype)  # computed once, used by every block
         for block in enc.block:
             self_attention, feed_forward = block.layer
@@ -397,10 +400,10 @@ class T5ForConditionalGeneration(nn.Module):
         if cache.position_bias is None:
             size = cache.capacity
             bias = attention.position_bias(size, size).to(x.dtype)
-            cache.usable_length = attention.usable_length(bias)  # NaN rows past it are never sliced
             causal = torch.ones(size, size, dtype=torch.bool, device=x.device).triu(1)  # key after query
             cache.position_bias = bias.masked_fill(causal, torch.finfo(x.dtype).min)
-        attention.check_length(past + new, cache.usable_length, "decoder")
+            cache.reach = attention.reach(size)  # rows past it hold clamped buckets: never sliced
+        attention.check_length(past + new, cache.reach)
         bias = cache.position_bias[:, :, past:past + new, :past + new]
         for i, block in enumerate(dec.block):
             self_attention, cross_attention, feed_forward = block.layer
