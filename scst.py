@@ -334,7 +334,8 @@ def finished_summary(run_dir: str, args, settings: dict) -> dict | None:
         return None
     summary = files.read_json(summary_path)
     if not isinstance(summary, dict) or not isinstance(summary.get("steps"), int) or "converged" not in summary:
-        raise InputError(f"{summary_path}: not a summary of this program (no steps / converged); delete {run_dir}")
+        raise InputError(f"{summary_path}: not written by `train` (an imported adapter?): choose another --runs or "
+                         f"--seed, or delete {run_dir}")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True).get("settings")
     except Exception as e:                                    # noqa: BLE001 - missing file or any unpickling failure
