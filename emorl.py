@@ -45,10 +45,10 @@ OBJECTIVE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")   # a run folder <name>-<s
 # ----------------------------------------------------------------------------- flags, checked at parse time
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every flag's default beside its help text (a None default is explained in the text
-    itself), and descriptions as written."""
+    itself, and an on/off switch's False says nothing), and descriptions as written."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,6 +60,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a sub-command's unknown flag from the top parser (`emorl.py --help`); the
+        # sub-command's own parser names its --help, which lists the flags it does take.
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            commands = getattr(self, "commands", None)  # set by build_parser
+            parser = commands.choices.get(getattr(args, "command", None), self) if commands else self
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args
 
     def parse_known_args(self, args=None, namespace=None):
         # "--weights -1,0.5,0.5": argparse takes a value that starts with "-" for a flag and never shows the
@@ -163,6 +173,11 @@ def add_model_flags(parser, scorers=True, device_type=device):
                         help="comma-separated objectives (default: reflection,empathy,fluency)")
     parser.add_argument("--device", type=device_type, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (must exist here)")
     parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same result)")
+
+
+def add_force_flag(parser):
+    parser.add_argument("--force", action="store_true", help="use an adapter given as another objective than the "
+                        "one it records (a warning line instead of an error)")
 
 
 def add_data_flags(parser):
@@ -296,29 +311,24 @@ def train_job(job) -> list[dict]:
         run_args = copy.copy(args)
         run_args.objective, run_args.device = objective, device
         run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
-        if os.path.exists(os.path.join(run_dir, "summary.json")):
-            check_finished_run(run_dir, run_args)
-            print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
+        if args.objective == "all":  # the log lines below say no objective: a header per run
+            print(f"== train {objective} ({args.objectives.index(objective) + 1}/{len(args.objectives)}) "
+                  f"on {device} -> {run_dir}", flush=True)
+        model, tokenizer = load_policy(run_args)
+        settings = scst.run_settings(run_args, model, splits["train"], validation_prompts)
+        finished = scst.finished_summary(run_dir, run_args, settings)
+        if finished is not None:
+            state = "converged" if finished["converged"] else f"stopped at --max-steps {finished['steps']}"
+            print(f"{run_dir}: already finished ({state}); delete the folder to train again", flush=True)
             continue
         if device not in scorers:
             scorers[device] = load_scorers(run_args, names, known)
-        model, tokenizer = load_policy(run_args)
         summary = scst.train(model, tokenizer, scorers[device], splits["train"], validation_prompts, run_args, run_dir)
         print(f"{objective}: {summary['steps']} steps, {summary['data_points']} data points, "
               f"{summary['wall_seconds']:.1f}s, converged {summary['converged']}, "
               f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
         summaries.append(summary)
     return summaries
-
-
-def check_finished_run(run_dir, args):
-    """A finished uniform / dynaopt run must have combined the objectives asked for now."""
-    import files
-    if args.objective in BASELINES:
-        trained = files.read_json(os.path.join(run_dir, "summary.json")).get("objectives", list(SCORER_NAMES))
-        if trained != list(args.objectives):
-            raise files.InputError(f"{run_dir} combined {','.join(trained)}, not {','.join(args.objectives)}: "
-                                   "choose another --runs folder or delete it")
 
 
 def exit_with_parent(parent_pid):
@@ -379,11 +389,14 @@ def adapter_dirs(args, names, unique=False) -> list[str]:
     return [os.path.abspath(d) for d in directories]
 
 
-def load_adapters(model, directories, names):
-    """Load the adapters into `model`, named by objective."""
+def load_adapters(model, directories, names, force=False):
+    """Load the adapters into `model`, named by objective; one trained for another objective is refused
+    (lora.check_objective; --force: a warning line)."""
     import lora
     for name, directory in zip(names, directories):
         lora.load_adapter(model, directory, name)
+        if warning := lora.check_objective(directory, name, force):
+            print(warning, file=sys.stderr, flush=True)
 
 
 def cmd_search(args):
@@ -405,7 +418,7 @@ def cmd_search(args):
     prompts = [e.prompt for e in load_splits(args)["aggregation"]]
     scorers = load_scorers(args, names, known)
     model, tokenizer = load_policy(args)
-    load_adapters(model, adapters, names)
+    load_adapters(model, adapters, names, args.force)
     objective = search.make_objective(model, tokenizer, names, scorers, prompts, level=args.level,
                                       batch_size=args.batch_size, device=args.device)
     meta = {"adapters": [search.fingerprint(d) for d in adapters], "level": args.level, "data": search.fingerprint(args.data),
@@ -424,7 +437,7 @@ def cmd_generate(args):
     weights = search.parse_weights(args.weights, len(names))
     adapters = adapter_dirs(args, names)
     model, tokenizer = load_policy(args)
-    load_adapters(model, adapters, names)
+    load_adapters(model, adapters, names, args.force)
     ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
     model.eval()
     tokens = search.ensemble_generate(model, names, weights, ids, mask, level=args.level,
@@ -451,7 +464,8 @@ def cmd_evaluate(args):
     prompts = [e.prompt for e in load_splits(args)["inference"]]
     results = evaluate.evaluate(lambda: load_policy(args), load_scorers(args, names, known), prompts, args.runs,
                                 search_result, batch_size=args.batch_size, device=args.device, objectives=names,
-                                greedy=args.greedy, generation_runs=args.generation_runs, seed=args.seed)
+                                greedy=args.greedy, generation_runs=args.generation_runs, seed=args.seed,
+                                force=args.force)
     markdown, table_csv = evaluate.tables(results, objectives=names)
     files.atomic_write(args.out + ".md", markdown)
     files.atomic_write(args.out + ".csv", table_csv)
@@ -486,7 +500,7 @@ def cmd_build_default(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="emorl.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
     train.add_argument("objective", help="reflection, empathy, fluency, a plugged objective (--scorer), uniform, "
@@ -523,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--adapters", nargs="+", metavar="DIR",
                          help="adapter folders, one per objective in --objectives order (default: newest runs)")
         sub.add_argument("--level", choices=["hidden", "logit", "param"], default="hidden", help="aggregation level")
+        add_force_flag(sub)
 
     search_cmd = commands.add_parser("search", help="hierarchical grid search of the aggregation weights (Algorithm 1)")
     add_model_flags(search_cmd)
@@ -554,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "single-policy methods sampled top-50, EMORL greedy)")
     evaluate_cmd.add_argument("--generation-runs", type=positive, default=3,
                               help="sampled generation runs per trained model (seeds SEED, SEED+1, ...)")
+    add_force_flag(evaluate_cmd)
     evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
 

@@ -38,6 +38,7 @@ import io
 import math
 import os
 import statistics
+import sys
 
 import torch
 from tqdm import tqdm
@@ -146,7 +147,7 @@ def consumption(summaries: list[dict], aggregation_seconds: float = 0.0) -> dict
 
 def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, search_result: dict | None,
              batch_size: int = 16, device: str = "cpu", objectives=rewards.OBJECTIVES, greedy: bool = False,
-             generation_runs: int = 3, seed: int = 0) -> dict[str, list[dict]]:
+             generation_runs: int = 3, seed: int = 0, force: bool = False) -> dict[str, list[dict]]:
     """{method: [one metrics row per (training seed, generation run)]}. load_policy() -> (model,
     tokenizer), a fresh base model. See the module docstring for the protocol."""
     objectives = list(objectives)
@@ -160,6 +161,10 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
     weights = None if search_result is None else check_search(search_result, aggregated)
     runs = find_runs(runs_dir)
     seeds = sorted(runs, key=seed_order)
+    for s in seeds:  # before any work: runs/<method>-<seed>/adapter must be an adapter of <method>
+        for method, folder in runs[s].items():
+            if warning := lora.check_objective(os.path.join(folder, "adapter"), method, force):
+                tqdm.write(warning, file=sys.stderr)
     jobs = [(None, "base")]
     for s in seeds:
         order = [m for m in objectives if m in runs[s]] + sorted(m for m in runs[s] if m not in objectives)

@@ -14,6 +14,8 @@ Deviations from the paper / public code:
 - Modes are switched explicitly (set_adapter, context managers); .eval() never merges (loralib's pitfall).
 - The safetensors metadata holds a cheap fingerprint of the base model; an adapter saved for another base
   model is refused. Files without one (e.g. from peft) load if every key and shape matches.
+- The safetensors metadata also records the adapter's name, which is the objective it was trained for
+  (peft ignores it); check_objective refuses an adapter given as another objective.
 - PEFT options beyond plain LoRA (DoRA, rsLoRA, rank/alpha patterns, bias, modules_to_save...) are refused.
 - model.state_dict() keeps the base keys unchanged and gains <module>.lora_{A,B}.<adapter> keys; while merged,
   .weight holds the merged weights (unmerge before saving the base).
@@ -35,6 +37,7 @@ from files import InputError, load_safetensors, read_json, save_safetensors, wri
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # never lm_head
 FINGERPRINT_KEY = "emorl_base_fingerprint"
+OBJECTIVE_KEY = "emorl_objective"  # safetensors metadata: the objective an adapter was trained for
 UNSUPPORTED = ("use_dora", "use_rslora", "fan_in_fan_out", "bias", "lora_bias", "rank_pattern", "alpha_pattern",
                "modules_to_save", "layers_to_transform", "exclude_modules", "target_parameters", "trainable_token_indices")
 
@@ -249,7 +252,8 @@ def _same_base(saved: str, ours: dict):  # tolerant to dtype round-off (bf16 <->
 
 
 def save_adapter(model, name, directory, base_model_name_or_path=""):
-    """Write adapter `name` in PEFT's layout (atomic files)."""
+    """Write adapter `name` in PEFT's layout (atomic files); `name`, the objective it was trained for,
+    goes into the safetensors metadata (check_objective)."""
     _check(model, [name])
     layers = [(path, m) for path, m in _layers(model) if name in m.lora_A]
     tensors = {f"base_model.model.{path}.lora_{ab}.weight": getattr(m, f"lora_{ab}")[name]
@@ -263,7 +267,7 @@ def save_adapter(model, name, directory, base_model_name_or_path=""):
                   target_modules=targets, bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
                   use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={}, alpha_pattern={})
     os.makedirs(directory, exist_ok=True)
-    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(base_fingerprint(model))}
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(base_fingerprint(model)), OBJECTIVE_KEY: name}
     save_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata)
     write_json(os.path.join(directory, "adapter_config.json"), config)
 
@@ -306,6 +310,35 @@ def load_adapter(model, directory, name) -> str:
         for key, param in zip(expected, adapter_parameters(model, name)):  # both in module order, A then B
             param.copy_(tensors[key])
     return name
+
+
+def saved_objective(directory) -> str | None:
+    """The objective recorded in an adapter's metadata by save_adapter; None for an adapter saved
+    without one (by peft, by convert_npz, by emorl before it recorded objectives)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(file):
+        raise InputError(f"{file}: file not found")
+    try:
+        with safe_open(file, "pt") as f:
+            return (f.metadata() or {}).get(OBJECTIVE_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def check_objective(directory, objective: str, force: bool = False) -> str | None:
+    """Refuse the adapter in `directory` given as `objective` when it records another objective
+    (force: use it anyway). -> a warning line for the user (forced, or no objective recorded), or None."""
+    recorded = saved_objective(directory)
+    if recorded == objective:
+        return None
+    if recorded is None:
+        return f"warning: {directory} records no objective (an imported adapter?): used as '{objective}'"
+    if not force:
+        raise InputError(f"{directory}: adapter trained for '{recorded}', given as '{objective}' "
+                         "(--force uses it anyway)")
+    return f"warning: {directory}: adapter trained for '{recorded}', used as '{objective}' (--force)"
 
 
 # ----------------------------------------------------------------------------- the authors' .npz adapters

@@ -31,6 +31,9 @@ Deviations from the paper / public code:
   the inner bandit's normalised weights from the first step (the public code keeps weight 1.0 per
   objective until its outer bandit first draws an objective arm).
 - Batches are a seeded reshuffle of the training split per epoch (the public code: a RandomSampler).
+- A run is resumable (checkpoint at every validation); a finished run that stopped at --max-steps
+  without converging trains on when given more steps, exactly as if it had never stopped
+  (finished_summary); any other changed setting is refused.
 """
 from __future__ import annotations
 
@@ -310,6 +313,42 @@ def _flag(key: str) -> str:
         key, "--" + key.replace("_", "-"))
 
 
+def check_settings(path: str, saved: dict | None, settings: dict, run_dir: str):
+    """Refuse (one line naming the flag) a run continued with a setting that changes its result."""
+    if saved is None:
+        raise InputError(f"{path}: written by an older emorl without its settings; delete {run_dir} to restart")
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            what = (f"{_flag(key)} changed since this run started" if key in ("data", "policy") else
+                    f"this run was started with {_flag(key)} {saved.get(key)}, not {value}")
+            raise InputError(f"{path}: {what}; rerun with the same settings or delete {run_dir}")
+
+
+def finished_summary(run_dir: str, args, settings: dict) -> dict | None:
+    """The summary of a finished run that stays finished under `args`, or None: no summary.json yet, or
+    a run that stopped at --max-steps without converging and is given more steps (it trains on from its
+    last checkpoint, as if it had never stopped). A changed setting, or --max-steps below the steps done,
+    is refused as in a resume: the summary would not be this command's result."""
+    summary_path, path = os.path.join(run_dir, "summary.json"), os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(summary_path):
+        return None
+    summary = files.read_json(summary_path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("steps"), int) or "converged" not in summary:
+        raise InputError(f"{summary_path}: not written by `train` (an imported adapter?): choose another --runs or "
+                         f"--seed, or delete {run_dir}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True).get("settings")
+    except Exception as e:                                    # noqa: BLE001 - missing file or any unpickling failure
+        raise InputError(f"{path}: unreadable ({type(e).__name__}), so the settings of this finished run cannot "
+                         f"be checked; delete {run_dir} to train again") from None
+    check_settings(path, saved, settings, run_dir)
+    if args.max_steps < summary["steps"]:
+        raise InputError(f"{run_dir} finished at step {summary['steps']}: --max-steps {args.max_steps} is below it")
+    if summary["converged"] or args.max_steps == summary["steps"]:
+        return summary
+    return None
+
+
 class TrainingRun:
     """Everything a run must carry across a kill -9: step, data cursor, validation history, DynaOpt's
     bandits, RNG states, optimiser and adapter. Saved atomically at every validation."""
@@ -391,13 +430,7 @@ class TrainingRun:
             saved, state = checkpoint.get("settings"), checkpoint["state"]
         except Exception as e:                                # noqa: BLE001 - any unpickling failure
             raise InputError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart the run") from None
-        if saved is None:
-            raise InputError(f"{path}: written by an older emorl without its settings; delete {self.run_dir} to restart")
-        for key, value in self.settings.items():
-            if saved.get(key) != value:
-                what = (f"{_flag(key)} changed since this run started" if key in ("data", "policy") else
-                        f"this run was started with {_flag(key)} {saved.get(key)}, not {value}")
-                raise InputError(f"{path}: {what}; resume with the same settings or delete {self.run_dir}")
+        check_settings(path, saved, self.settings, self.run_dir)
         if self.args.max_steps < state["step"]:
             raise InputError(f"{path}: --max-steps {self.args.max_steps} is below the {state['step']} steps already done")
         for key in self.CARRIED:
@@ -428,11 +461,12 @@ class TrainingRun:
         tqdm.write(line)
 
     def progress(self) -> str:
-        """What the progress bar can honestly say: validations so far and the CV against the tolerance."""
+        """What the progress bar can honestly say: validations so far (as many as the log's `val` lines;
+        the step-0 one is not counted by the CV rule) and the CV against the tolerance."""
         cv = coefficient_of_variation(self.history, self.args.cv_window)
         rule = (f"CV {cv:.4f} (stops < {self.args.cv_tolerance})" if cv is not None else
-                f"CV from validation {self.args.cv_window}")
-        return f"{len(self.history)} validations, {rule}, max {self.args.max_steps} steps"
+                f"CV once {self.args.cv_window} are counted")
+        return f"{len(self.validations)} validations ({len(self.history)} counted), {rule}, max {self.args.max_steps} steps"
 
 
 def _as_tuple(value):
@@ -462,6 +496,9 @@ def train(model, tokenizer, scorers: dict, train_examples: list, validation_prom
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model, args.objective), lr=args.lr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     run = TrainingRun(run_dir, args, len(train_examples), run_settings(args, model, train_examples, validation_prompts))
+    finished = finished_summary(run_dir, args, run.settings)
+    if finished is not None:
+        return finished
     if run.restore(model, optimizer, generator):
         tqdm.write(f"resuming {run_dir} at step {run.step} ({len(run.validations)} validations so far)")
     started = time.time() - run.elapsed

@@ -29,7 +29,11 @@ Deviations from Hugging Face / the public code:
   lm_head.weight differs from shared.weight is loaded untied, as HF 5.x does. The rule follows
   config.json's model_type as HF 5.x does: "t5" as above, "mt5" never rescales (HF's MT5 has no rescale),
   any other family (umt5, longt5, ...) is refused;
-- untied input embeddings (encoder/decoder.embed_tokens != shared) are refused, not loaded.
+- untied input embeddings (encoder/decoder.embed_tokens != shared) are refused, not loaded;
+- bucket configurations HF cannot look up (max_distance <= num_buckets/2 or /4 gives garbage buckets
+  past some distance; HF raises IndexError there, or divides by zero under 4 buckets) are one
+  InputError naming the longest usable length; the decoder's precomputed square never fails for
+  rows it does not use (tests/test_t5.py checks a grid against HF).
 """
 from __future__ import annotations
 
@@ -70,6 +74,10 @@ class T5Config:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = self.tie_word_embeddings
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_max_distance < 1:
+            raise InputError(f"relative_attention_num_buckets {self.relative_attention_num_buckets} / max_distance "
+                             f"{self.relative_attention_max_distance}: need >= 4 buckets (the encoder halves them) "
+                             f"and a max_distance >= 1 (transformers fails on any input otherwise)")
         if self.feed_forward_proj not in ("relu", "gated-gelu"):
             raise InputError(f"feed_forward_proj {self.feed_forward_proj!r} is not supported (relu or gated-gelu)")
 
@@ -129,7 +137,9 @@ class T5LayerNorm(nn.Module):
 def relative_position_bucket(relative_position, bidirectional, num_buckets=32, max_distance=128):
     """Map key_position - query_position to a bucket: exact for small distances, log-spaced up to
     max_distance, one bucket beyond. Bidirectional (encoder) halves the buckets by sign; causal
-    (decoder) only looks back."""
+    (decoder) only looks back. HF's maths, quirks included: where max_distance <= max_exact (e.g.
+    64 causal buckets up to 32) the log-spaced range is empty or runs backwards, and distances from
+    max_exact on get garbage (often negative) buckets; `bucket_reach` finds where they start."""
     buckets = 0
     if bidirectional:
         num_buckets //= 2
@@ -142,6 +152,16 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets=32, m
                               * (num_buckets - max_exact)).long()
     log_bucket = log_bucket.clamp(max=num_buckets - 1)
     return buckets + torch.where(distance < max_exact, distance, log_bucket)
+
+
+def bucket_reach(bidirectional, num_buckets, max_distance, length) -> int:
+    """The longest sequence, up to `length`, whose every distance (looking back, and forward if
+    bidirectional) has a bucket in range; computed on the CPU from the configuration alone."""
+    distance = torch.arange(length, device="cpu")  # explicitly: whatever the default device
+    relative = torch.stack([-distance, distance]) if bidirectional else -distance[None]
+    buckets = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+    bad = ((buckets < 0) | (buckets >= num_buckets)).any(0)
+    return int(bad.int().argmax()) if bad.any() else length
 
 
 def padding_bias(mask, dtype):
@@ -172,12 +192,24 @@ class T5Attention(nn.Module):
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
     def position_bias(self, query_len, key_len, offset=0):
-        """[1,H,query_len,key_len]; queries sit at positions offset .. offset+query_len-1."""
+        """[1,H,query_len,key_len]; queries sit at positions offset .. offset+query_len-1. Buckets out of
+        range (see relative_position_bucket) are clamped: callers use only distances below
+        `bucket_reach` (the decoder's table is computed for more positions than it serves)."""
         device = self.relative_attention_bias.weight.device
         query = torch.arange(offset, offset + query_len, device=device)[:, None]
         key = torch.arange(key_len, device=device)[None, :]
         buckets = relative_position_bucket(key - query, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+        return self.relative_attention_bias(buckets.clamp(0, self.num_buckets - 1)).permute(2, 0, 1).unsqueeze(0)
+
+    def reach(self, length) -> int:
+        return bucket_reach(self.bidirectional, self.num_buckets, self.max_distance, length)
+
+    def check_length(self, length, reach):
+        """HF raises IndexError on a sequence whose distances reach a bucket out of range: one line here."""
+        if length > reach:
+            raise InputError(f"this T5's relative position buckets (relative_attention_num_buckets {self.num_buckets}, "
+                             f"max_distance {self.max_distance}) have no bucket for {'encoder' if self.bidirectional else 'decoder'} "
+                             f"sequences over {reach} tokens (transformers fails there too); this input needs {length}")
 
     def heads(self, x):  # [B,T,H*dk] -> [B,H,T,dk]
         return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_kv).transpose(1, 2)
@@ -291,6 +323,7 @@ class KVCache:
         self.cross_kv = [None] * num_layers
         self.cross_bias = None
         self.position_bias = None  # [1,H,capacity,capacity], set by T5ForConditionalGeneration.decode
+        self.reach = capacity  # rows of position_bias whose buckets are all in range (t5.bucket_reach)
         self.length = 0  # decoder tokens seen
 
     def append(self, layer, key, value):
@@ -340,7 +373,9 @@ class T5ForConditionalGeneration(nn.Module):
         """[B,S] token ids + [B,S] 1/0 mask -> encoder output [B,S,D] (after the final norm)."""
         enc = self.encoder
         x = enc.dropout(self.shared(input_ids))
-        bias = enc.block[0].layer[0].SelfAttention.position_bias(x.shape[1], x.shape[1]).to(x.dtype)
+        attention = enc.block[0].layer[0].SelfAttention
+        attention.check_length(x.shape[1], attention.reach(x.shape[1]))
+        bias = attention.position_bias(x.shape[1], x.shape[1]).to(x.dtype)
         bias = bias + padding_bias(attention_mask, x.dtype)  # computed once, used by every block
         for block in enc.block:
             self_attention, feed_forward = block.layer
@@ -361,11 +396,14 @@ class T5ForConditionalGeneration(nn.Module):
         past, new = cache.length, x.shape[1]
         if past + new > cache.capacity:  # grow to twice what is needed: amortised O(1) per token
             cache.capacity, cache.position_bias = 2 * (past + new), None
+        attention = dec.block[0].layer[0].SelfAttention
         if cache.position_bias is None:
             size = cache.capacity
-            bias = dec.block[0].layer[0].SelfAttention.position_bias(size, size).to(x.dtype)
+            bias = attention.position_bias(size, size).to(x.dtype)
             causal = torch.ones(size, size, dtype=torch.bool, device=x.device).triu(1)  # key after query
             cache.position_bias = bias.masked_fill(causal, torch.finfo(x.dtype).min)
+            cache.reach = attention.reach(size)  # rows past it hold clamped buckets: never sliced
+        attention.check_length(past + new, cache.reach)
         bias = cache.position_bias[:, :, past:past + new, :past + new]
         for i, block in enumerate(dec.block):
             self_attention, cross_attention, feed_forward = block.layer

@@ -187,7 +187,7 @@ EQUIVALENT = [
      "growing one token early: the relative position bias is the same slice of a larger square"),
     ("t5.T5ForConditionalGeneration.decode", "cache.capacity, cache.position_bias = 3 * (past + new), None",
      "a larger capacity: the relative position bias is the same slice of a larger square"),
-    ("t5.T5ForConditionalGeneration.decode", "bias = dec.block[0].layer[0].SelfAttention.position_bias(size, size).to(None)",
+    ("t5.T5ForConditionalGeneration.decode", "bias = attention.position_bias(size, size).to(None)",
      "the bias embedding has the model's dtype (a model is cast whole), so the cast is a no-op"),
     ("t5.T5LayerSelfAttention.forward", "def forward(self, x, bias, cache=None, layer=1):",
      "the layer index is read only with a cache, and decode() always passes it"),

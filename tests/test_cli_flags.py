@@ -136,7 +136,9 @@ def test_number_and_integer_types_by_hand():
 # ----------------------------------------------------------------------------- 2. argparse's own errors
 @pytest.mark.parametrize("argv, needles", [
     (["train", "foo"], ["unknown objective 'foo'", "--scorer NAME=DIR"]),
-    (["train", "reflection", "--bogus", "1"], ["unrecognized arguments: --bogus 1"]),
+    (["train", "reflection", "--bogus", "1"], ["unrecognized arguments: --bogus 1", "`emorl.py train --help`"]),
+    (["generate", "hi", "--weights", "1,1,1", "--data", "x"], ["unrecognized arguments: --data x",
+                                                               "`emorl.py generate --help`"]),
     (["generate", "hello"], ["--weights", "required"]),
     (["evaluate", "--runs"], ["--runs", "expected one argument"]),
     ([], ["COMMAND", "emorl.py --help"]),
@@ -248,7 +250,7 @@ def test_every_flag_has_help_and_help_shows_defaults():
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, (name, action.dest)
-        assert "(default: None)" not in sub.format_help(), name
+        assert "(default: None)" not in sub.format_help() and "(default: False)" not in sub.format_help(), name
     result = run("train", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
@@ -256,6 +258,8 @@ def test_every_flag_has_help_and_help_shows_defaults():
                   "relative to the current directory"):
         assert shown in text, shown
     assert "refinement iterations of Algorithm 1 (default: 5)" in " ".join(run("search", "--help").stdout.split())
+    greedy = " ".join(run("evaluate", "--help").stdout.split()).split("--greedy ")[1].split(" --")[0]
+    assert greedy.count("(default:") == 1, greedy                  # its own text, not also argparse's False
 
 
 @pytest.fixture

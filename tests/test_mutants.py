@@ -766,6 +766,7 @@ def recorded_evaluate(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "generate_texts", generate_texts)
     monkeypatch.setattr(evaluate.lora, "load_adapter", lambda model, path, name: model.append(name))
+    monkeypatch.setattr(evaluate.lora, "check_objective", lambda directory, objective, force=False: None)  # no files
     monkeypatch.setattr(torch, "Generator", Generator)
 
     def call(runs, search_result=None, **kwargs):

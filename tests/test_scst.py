@@ -498,7 +498,7 @@ def test_progress_bar_closes_at_the_true_end(tiny, tmp_path, capsys):
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     last = [line for line in bar if line.startswith("train reflection")][-1]
     assert last.startswith("train reflection: 4step") and "/1000" not in last   # converged at step 4 of 1000
-    assert "2 validations, CV 0." in last and "(stops < 10.0)" in last
+    assert "3 validations (2 counted), CV 0." in last and "(stops < 10.0)" in last
 
 
 def test_nan_reward_and_empty_split_are_input_errors(tiny, tmp_path):

@@ -479,3 +479,79 @@ def test_t5_folder_saved_by_transformers_5_without_spiece_model(good_dir):
     tokenizer.save_pretrained(good_dir)
     assert not os.path.exists(os.path.join(good_dir, "spiece.model"))
     expect_error(good_dir, "spiece.model: file not found", "copy spiece.model from the original checkpoint")
+
+
+# ----------------------------------------------------------------------------- relative position buckets
+BUCKET_GRID = [(nb, md) for nb in (4, 8, 16, 32, 64) for md in (1, 4, 8, 20, 32, 128)]
+
+
+def first_bad_distance(bidirectional, num_buckets, max_distance, up_to=512):
+    """HF's own bucket function (the oracle): the smallest distance whose bucket HF cannot look up."""
+    bucket = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+    distance = torch.arange(up_to)
+    bad = torch.zeros(up_to, dtype=torch.bool)
+    for sign in (-1, 1) if bidirectional else (-1,):  # key before / after the query
+        buckets = bucket(sign * distance, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+        bad |= (buckets < 0) | (buckets >= num_buckets)
+    return int(distance[bad][0]) if bad.any() else up_to
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", BUCKET_GRID)
+def test_position_buckets_match_hf_or_refuse_where_hf_fails(num_buckets, max_distance):
+    """Every (num_buckets, max_distance) on encoder inputs and decoder outputs of 1..200 tokens,
+    decoded whole and token by token (the cached table is a [capacity, capacity] square, larger than
+    what is decoded): ours equals HF wherever HF runs, and is one InputError wherever HF fails
+    (e.g. 64 causal buckets up to 32: no bucket from distance 32 on)."""
+    shape = dict(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, dropout_rate=0.0,
+                 relative_attention_num_buckets=num_buckets, relative_attention_max_distance=max_distance,
+                 feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**shape)).eval()
+    ours = t5.T5ForConditionalGeneration(t5.T5Config(**shape, scale_decoder_outputs=False)).eval()
+    state = hf.state_dict()
+    ours.load_state_dict({k: state[k] for k in ours.state_dict()})
+    encoder_reach = first_bad_distance(True, num_buckets, max_distance)  # longest input HF encodes
+    decoder_reach = first_bad_distance(False, num_buckets, max_distance)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for length in (1, 5, 33, 200):  # encoder
+            ids = torch.randint(2, 64, (2, length), generator=g)
+            mask = torch.ones_like(ids)
+            mask[1, length // 2 + 1:] = 0
+            if length > encoder_reach:
+                with pytest.raises(IndexError):
+                    hf.get_encoder()(input_ids=ids, attention_mask=mask)
+                with pytest.raises(files.InputError, match="no bucket for encoder sequences over"):
+                    ours.encode(ids, mask)
+            else:
+                close(ours.encode(ids, mask), hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state)
+        encoder_hidden, mask = ours.encode(ids[:, :1], mask[:, :1]), mask[:, :1]
+        decoder_ids = torch.randint(2, 64, (2, 70), generator=g)  # 70: the default cache (64) grows once
+        run_hf = lambda n: hf.get_decoder()(input_ids=decoder_ids[:, :n], encoder_hidden_states=encoder_hidden,
+                                            encoder_attention_mask=mask).last_hidden_state
+        usable = min(decoder_reach, 70)
+        reference = run_hf(usable)
+        if usable < 70:
+            with pytest.raises(IndexError):
+                run_hf(usable + 1)
+        for length in (1, 5, 33, 70):  # uncached: one call on the whole sequence
+            if length > usable:
+                with pytest.raises(files.InputError, match="no bucket for decoder sequences over"):
+                    ours.decode(decoder_ids[:, :length], encoder_hidden, mask)
+            else:
+                close(ours.decode(decoder_ids[:, :length], encoder_hidden, mask)[0], reference[:, :length])
+        cache = None  # cached: token by token through the [64, 64] table, then the grown one
+        for t in range(usable):
+            step, cache = ours.decode(decoder_ids[:, t:t + 1], encoder_hidden, mask, cache)
+            close(step[:, 0], reference[:, t], tol=1e-4)
+        if usable < 70:
+            with pytest.raises(files.InputError, match="no bucket for decoder sequences over"):
+                ours.decode(decoder_ids[:, usable:usable + 1], encoder_hidden, mask, cache)
+
+
+def test_bucket_counts_that_fail_on_every_input_are_refused():
+    """Under 4 buckets the encoder's half has no exact bucket (HF divides by zero on any input);
+    a max_distance under 1 has no logarithm."""
+    for bad in (dict(relative_attention_num_buckets=3), dict(relative_attention_max_distance=0)):
+        with pytest.raises(files.InputError, match="need >= 4 buckets"):
+            t5.T5Config(**bad)
