@@ -126,9 +126,10 @@ def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, 
 
 
 def metrics(scorers: dict, prompts: list[str], responses: list[str], objectives=rewards.OBJECTIVES) -> dict[str, float]:
-    """Table 2's mean score per objective and their average, Table 1's diversity-2 and edit rate."""
+    """Table 2's mean clipped score per objective (clip(s, 1e-4, 0.9999), as el_test.py's logsum scorer
+    clips them) and their average, Table 1's diversity-2 and edit rate."""
     scores = rewards.score_all({name: scorers[name] for name in objectives}, prompts, responses)  # NaN-checked
-    row = {name: scores[name].float().mean().item() for name in objectives}
+    row = {name: rewards.clip(scores[name].float()).mean().item() for name in objectives}
     row["average"] = sum(row[n] for n in objectives) / len(objectives)
     row["diversity-2"] = rewards.diversity_2(responses)
     row["edit rate"] = statistics.fmean(rewards.edit_rate(p, r) for p, r in zip(prompts, responses))

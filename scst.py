@@ -258,7 +258,7 @@ def validate(model, tokenizer, scorers, prompts, args, step: int) -> dict[str, f
         batch = prompts[start:start + args.batch_size]
         tokens = sample_responses(model, *encode_prompts(tokenizer, batch, args.device, repeat=k), args, generator)
         scores = score(scorers, names, [p for p in batch for _ in range(k)], tokenizer.batch_decode(tokens))
-        totals += scores.clamp(rewards.CLIP_MIN, rewards.CLIP_MAX).double().sum(0)
+        totals += rewards.clip(scores).double().sum(0)
     return {name: (total / (len(prompts) * k)).item() for name, total in zip(names, totals)}
 
 

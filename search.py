@@ -53,6 +53,7 @@ from tqdm import tqdm
 import data
 import lora
 import report
+import rewards
 import files
 import t5
 from files import InputError
@@ -237,7 +238,7 @@ def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None,
 # ----------------------------------------------------------------------------- command layer
 def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hidden", batch_size=16,
                    max_new_tokens=64, device="cpu"):
-    """objective(weights) -> (mean over objectives, [mean score over `prompts` per scorer]),
+    """objective(weights) -> (mean over objectives, [mean clipped score over `prompts` per scorer]),
     decoding policy_input(prompt) (≤ 128 tokens) with ensemble_generate; scorers in dict order."""
     if not prompts:
         raise InputError("grid search: the aggregation split has no prompts")
@@ -251,7 +252,7 @@ def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hid
             tokens = ensemble_generate(model, adapter_names, weights, ids, mask, level=level, max_new_tokens=max_new_tokens)
             responses = tokenizer.batch_decode(tokens)
             for j, scorer in enumerate(scorers.values()):
-                totals[j] += float(scorer(chunk, responses).float().sum())
+                totals[j] += float(rewards.clip(scorer(chunk, responses).float()).sum())  # as el_aggregation.py:160
         per_objective = [t / len(prompts) for t in totals]
         return sum(per_objective) / len(per_objective), per_objective
 

@@ -211,11 +211,11 @@ def test_make_objective_decodes_at_the_requested_level_with_64_new_tokens(three_
     assert max(len(t.split()) for t in texts["param"]) == 64  # a row runs to the cap: 65 would show
     for level in ("hidden", "param"):
         seen = []
-        scorers = {"words": lambda p, r: (seen.extend(r), torch.tensor([len(x.split()) / 64 for x in r]))[1]}
+        scorers = {"words": lambda p, r: (seen.extend(r), torch.tensor([len(x.split()) / 128 for x in r]))[1]}
         objective = search.make_objective(model, tok, ["a", "b", "c"], scorers, prompts, level=level)
         mean, per = objective(weights)
         assert seen == texts[level]
-        assert per == pytest.approx([sum(len(x.split()) / 64 for x in texts[level]) / 3]) and mean == per[0]
+        assert per == pytest.approx([sum(len(x.split()) / 128 for x in texts[level]) / 3]) and mean == per[0]
 
 
 def test_make_objective_without_prompts_says_so(three_adapters):
@@ -673,14 +673,15 @@ def test_find_runs_keeps_finished_runs_of_known_methods(tmp_path):
 
 
 def test_metrics_are_table_1_and_2_on_hand_values():
-    """Table 2: mean score per objective and their average; Table 1: diversity-2 and mean edit rate."""
+    """Table 2: mean clipped score per objective (clip(s, 1e-4, 0.9999), as el_test.py) and their average;
+    Table 1: diversity-2 and mean edit rate."""
     prompts, responses = ["I am sad", "work is hard [SEP] "], ["I am sad", "you feel work is hard"]
     seen = []
     scorers = {"reflection": lambda p, r: (seen.append((list(p), list(r))), torch.tensor([0.2, 0.4]))[1],
                "empathy": lambda p, r: torch.tensor([1.0, 0.5]),
-               "fluency": lambda p, r: torch.tensor([0.3, 0.3]), "unused": None}
+               "fluency": lambda p, r: torch.tensor([0.3, 0.0]), "unused": None}
     row = evaluate.metrics(scorers, prompts, responses)
-    assert row == pytest.approx({"reflection": 0.3, "empathy": 0.75, "fluency": 0.3, "average": 0.45,
+    assert row == pytest.approx({"reflection": 0.3, "empathy": 0.74995, "fluency": 0.15005, "average": 0.4,
                                  "diversity-2": (2 / 3 + 4 / 5) / 2, "edit rate": (0 + 2 / 5) / 2})
     assert seen == [(prompts, responses)]  # each scorer sees the prompts and their own responses
 
