@@ -26,6 +26,10 @@ Deviations from the paper / public code:
 - el_test.py scores 4 passes over the first 4 batches of 16 of a RandomSampler over the test split
   (256 generations, batches drawn with replacement across passes, el_test.py:111-114), once per
   command (num_runs = 1 by default); here every inference prompt is decoded once per generation run.
+- Every trained adapter is sampled as a single policy: this project's choice, the published el_test.py
+  samples only a file it can torch.load (el_test.py:85), and the authors' adapters are .npz.
+- Table 2's objective scores are clipped to [1e-4, 0.9999] as el_test.py's logsum scorer clips them;
+  diversity-2 and edit rate are not (theirs are, by the same scorer: at most 1e-4 per generation).
 - Parameter-level aggregation uses the searched weights, raw (the paper's Model Soups learns its own).
 - The logit level is greedy on one shared prefix (the public code mixes the distributions of
   separately sampled continuations, el_aggregation.py:101-140; see search.py).

@@ -20,6 +20,10 @@ Deviations from the paper / public code:
   continuation and never feeds the chosen tokens back: the merged text is not what any of the mixed
   distributions was conditioned on (a defect, not copied). The mixture is not the hidden level:
   z1 = (5,0,4), z2 = (0,5,4), w = (0.6,0.4): Σ w z picks the third token, Σ w softmax(z) the first (tested).
+  Each model's full distribution is mixed; the public code mixes each one's top 50, renormalised
+  (generate's processed scores, el_aggregation.py:114-116, 124-125), over model 0's number of steps.
+- The search objective averages scores clipped to [1e-4, 0.9999] (rewards.clip), as the public code's
+  logsum scorer does in its search (utils_scoring.py:213-214 via el_aggregation.py:160).
 - Each row stops at its own </s> (the paper's intent); the public code's hidden level runs every row
   until all rows emit </s> at the same step and keeps the text after a row's </s>
   (el_aggregation.py:228, el_test.py:175).
