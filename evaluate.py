@@ -37,7 +37,6 @@ Deviations from the paper / public code:
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import math
 import os
@@ -62,21 +61,6 @@ INTEGER_COLUMNS = ("data points", "seconds")
 
 def columns(objectives=rewards.OBJECTIVES) -> list[str]:
     return [*objectives, "average", "diversity-2", "edit rate", *INTEGER_COLUMNS]
-
-
-def find_runs(runs_dir: str) -> dict[int | str, dict[str, str]]:
-    """{seed: {method: run folder}} for every finished run (summary.json present) under runs_dir, any
-    folder named <method>-<seed>; the seed is an int, or a label (e.g. runs/reflection-authors). --seed
-    is >= 0, so a negative number (reflection--1) is kept as the label "-1", not read as seed 1 of "reflection-"."""
-    found: dict[int | str, dict[str, str]] = {}
-    for summary in glob.glob(os.path.join(runs_dir, "*-*", "summary.json")):
-        folder = os.path.dirname(summary)
-        method, _, seed = os.path.basename(folder).rpartition("-")
-        if method.endswith("-"):  # <method>--1
-            method, seed = method[:-1], "-" + seed
-        if method and seed and method != "base" and method not in LEVELS:
-            found.setdefault(int(seed) if seed.isdigit() else seed, {})[method] = folder
-    return found
 
 
 def seed_order(seed):
@@ -163,7 +147,7 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
         raise InputError(f"generation runs must be >= 1, got {generation_runs}")
     aggregated = searched_objectives(search_result, objectives)   # the search's adapters, any d
     weights = None if search_result is None else check_search(search_result, aggregated)
-    runs = find_runs(runs_dir)
+    runs = files.find_runs(runs_dir)
     seeds = sorted(runs, key=seed_order)
     jobs = [(None, "base")]
     for s in seeds:

@@ -143,16 +143,6 @@ def test_evaluate_command_refuses_a_bad_search_json_before_any_work(tmp_path):
     assert "best_weights" in result.stderr and not (tmp_path / "e.md").exists()
 
 
-def test_find_runs_takes_any_method_and_seed_labels(tmp_path):
-    for folder in ("reflection-0", "dynaopt-3", "four_objectives-1", "reflection-authors", "empathy-2"):
-        os.makedirs(tmp_path / folder)
-        if folder != "empathy-2":  # unfinished
-            (tmp_path / folder / "summary.json").write_text("{}")
-    found = evaluate.find_runs(str(tmp_path))
-    assert found == {0: {"reflection": str(tmp_path / "reflection-0")}, 3: {"dynaopt": str(tmp_path / "dynaopt-3")},
-                     1: {"four_objectives": str(tmp_path / "four_objectives-1")},
-                     "authors": {"reflection": str(tmp_path / "reflection-authors")}}
-    assert sorted(found, key=evaluate.seed_order) == [0, 1, 3, "authors"]
 
 
 def test_search_refuses_the_same_adapter_folder_twice(tmp_path):
@@ -176,21 +166,6 @@ def test_search_header_compares_content_not_paths(tmp_path):
 
 
 # ----------------------------------------------------------------------------- runs, metrics, tables, protocol
-def test_find_runs_keeps_finished_runs_of_known_methods(tmp_path):
-    """Every finished (summary.json) <method>-<seed> folder, any method but base and the aggregation levels;
-    an integer seed, else the text after the last dash is a label; a negative number stays a label."""
-    for folder, finished in (("reflection-0", True), ("uniform-1", True), ("fluency-2", False),
-                             ("other-0", True), ("empathy-x", True), ("dynaopt-1", True), ("base-0", True),
-                             ("hidden-1", True), ("param-x", True), ("noseed", True), ("reflection--1", True)):
-        (tmp_path / folder).mkdir()
-        if finished:
-            (tmp_path / folder / "summary.json").write_text("{}")
-    assert evaluate.find_runs(str(tmp_path)) == {0: {"reflection": str(tmp_path / "reflection-0"),
-                                                     "other": str(tmp_path / "other-0")},
-                                                 1: {"uniform": str(tmp_path / "uniform-1"),
-                                                     "dynaopt": str(tmp_path / "dynaopt-1")},
-                                                 "x": {"empathy": str(tmp_path / "empathy-x")},
-                                                 "-1": {"reflection": str(tmp_path / "reflection--1")}}
 
 
 def test_metrics_are_table_1_and_2_on_hand_values():
@@ -240,13 +215,6 @@ def test_mean_std_and_tables():
     assert lines[3] == "reflection,greedy,1,1,0.5,,0.25,,0.75,,0.5,,0.8,,0.9,,3200,,99.6,"
 
 
-def test_find_runs_reads_the_seed_after_the_last_dash(tmp_path):
-    """<method>-<seed>: the seed is the text after the last dash, whatever the method's name holds."""
-    for folder in ("four-objectives-3", "reflection-authors"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "summary.json").write_text("{}")
-    assert evaluate.find_runs(str(tmp_path)) == {3: {"four-objectives": str(tmp_path / "four-objectives-3")},
-                                                 "authors": {"reflection": str(tmp_path / "reflection-authors")}}
 
 
 def test_seed_order_puts_integers_first_in_numeric_order_then_labels():
