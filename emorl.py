@@ -265,20 +265,6 @@ def load_splits(args) -> dict:
     return data.split_dataset(examples, args.split_seed)
 
 
-def newest_adapters(runs_dir: str, names) -> list[str]:
-    """The newest finished run per objective under runs/ (by summary.json time)."""
-    from evaluate import find_runs
-    from files import InputError
-    runs = find_runs(runs_dir).values()
-    found = []
-    for name in names:
-        summaries = [os.path.join(folders[name], "summary.json") for folders in runs if name in folders]
-        if not summaries:
-            raise InputError(f"no finished '{name}' run under {runs_dir}/: run `python emorl.py train {name}` first, or pass --adapters")
-        found.append(os.path.join(os.path.dirname(max(summaries, key=os.path.getmtime)), "adapter"))
-    return found
-
-
 # ----------------------------------------------------------------------------- commands
 def training_runs(args, known) -> list[str]:
     """The runs `train OBJECTIVE` asks for; sets args.objectives, the objectives uniform / dynaopt combine."""
@@ -300,6 +286,7 @@ def training_runs(args, known) -> list[str]:
 
 def train_job(job) -> list[dict]:
     """Train the runs [(objective, device), ...] of one job one after another, in this process."""
+    import files
     import scst
     args, runs, known = job
     splits = load_splits(args)
@@ -310,7 +297,7 @@ def train_job(job) -> list[dict]:
     for objective, device in runs:
         run_args = copy.copy(args)
         run_args.objective, run_args.device = objective, device
-        run_dir = os.path.join(args.runs, f"{objective}-{args.seed}")
+        run_dir = files.run_folder(args.runs, objective, args.seed)
         if args.objective == "all":  # the log lines below say no objective: a header per run
             print(f"== train {objective} ({args.objectives.index(objective) + 1}/{len(args.objectives)}) "
                   f"on {device} -> {run_dir}", flush=True)
@@ -345,6 +332,7 @@ def exit_with_parent(parent_pid):
 
 
 def cmd_train(args):
+    import files
     from files import InputError
     known = known_scorers(args)
     objectives = training_runs(args, known)
@@ -353,8 +341,8 @@ def cmd_train(args):
     if len(devices) > jobs:
         raise InputError(f"--device {args.device}: {len(devices)} devices for {jobs} job(s); one device per job")
     for objective in objectives:
-        prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}"), f"--runs {args.runs}")
-        prepare_output(os.path.join(args.runs, f"{objective}-{args.seed}", "adapter"), f"--runs {args.runs}")
+        prepare_output(files.run_folder(args.runs, objective, args.seed), f"--runs {args.runs}")
+        prepare_output(os.path.join(files.run_folder(args.runs, objective, args.seed), "adapter"), f"--runs {args.runs}")
     # Job j trains objectives j, j + N, j + 2N, ... on devices[j mod len(devices)].
     plan = [(args, [(name, devices[j % len(devices)]) for name in objectives[j::jobs]], known) for j in range(jobs)]
     started = time.time()
@@ -378,8 +366,9 @@ def cmd_train(args):
 def adapter_dirs(args, names, unique=False) -> list[str]:
     """The objective adapters' folders: --adapters, or the newest finished run of each objective;
     unique: one folder twice is refused (search would decode identical adapters for nothing)."""
+    import files
     from files import InputError
-    directories = args.adapters or newest_adapters(args.runs, names)
+    directories = args.adapters or files.newest_adapters(args.runs, names)
     if len(directories) != len(names):
         raise InputError(f"--adapters: expected {len(names)} folders ({', '.join(names)}), got {len(directories)}")
     real = [os.path.realpath(d) for d in directories]

@@ -26,6 +26,10 @@ Deviations from the paper / public code:
 - el_test.py scores 4 passes over the first 4 batches of 16 of a RandomSampler over the test split
   (256 generations, batches drawn with replacement across passes, el_test.py:111-114), once per
   command (num_runs = 1 by default); here every inference prompt is decoded once per generation run.
+- Every trained adapter is sampled as a single policy: this project's choice, the published el_test.py
+  samples only a file it can torch.load (el_test.py:85), and the authors' adapters are .npz.
+- Table 2's objective scores are clipped to [1e-4, 0.9999] as el_test.py's logsum scorer clips them;
+  diversity-2 and edit rate are not (theirs are, by the same scorer: at most 1e-4 per generation).
 - Parameter-level aggregation uses the searched weights, raw (the paper's Model Soups learns its own).
 - The logit level is greedy on one shared prefix (the public code mixes the distributions of
   separately sampled continuations, el_aggregation.py:101-140; see search.py).
@@ -33,7 +37,6 @@ Deviations from the paper / public code:
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import math
 import os
@@ -59,21 +62,6 @@ INTEGER_COLUMNS = ("data points", "seconds")
 
 def columns(objectives=rewards.OBJECTIVES) -> list[str]:
     return [*objectives, "average", "diversity-2", "edit rate", *INTEGER_COLUMNS]
-
-
-def find_runs(runs_dir: str) -> dict[int | str, dict[str, str]]:
-    """{seed: {method: run folder}} for every finished run (summary.json present) under runs_dir, any
-    folder named <method>-<seed>; the seed is an int, or a label (e.g. runs/reflection-authors). --seed
-    is >= 0, so a negative number (reflection--1) is kept as the label "-1", not read as seed 1 of "reflection-"."""
-    found: dict[int | str, dict[str, str]] = {}
-    for summary in glob.glob(os.path.join(runs_dir, "*-*", "summary.json")):
-        folder = os.path.dirname(summary)
-        method, _, seed = os.path.basename(folder).rpartition("-")
-        if method.endswith("-"):  # <method>--1
-            method, seed = method[:-1], "-" + seed
-        if method and seed and method != "base" and method not in LEVELS:
-            found.setdefault(int(seed) if seed.isdigit() else seed, {})[method] = folder
-    return found
 
 
 def seed_order(seed):
@@ -127,9 +115,10 @@ def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, 
 
 
 def metrics(scorers: dict, prompts: list[str], responses: list[str], objectives=rewards.OBJECTIVES) -> dict[str, float]:
-    """Table 2's mean score per objective and their average, Table 1's diversity-2 and edit rate."""
+    """Table 2's mean clipped score per objective (clip(s, 1e-4, 0.9999), as el_test.py's logsum scorer
+    clips them) and their average, Table 1's diversity-2 and edit rate."""
     scores = rewards.score_all({name: scorers[name] for name in objectives}, prompts, responses)  # NaN-checked
-    row = {name: scores[name].float().mean().item() for name in objectives}
+    row = {name: rewards.clip(scores[name].float()).mean().item() for name in objectives}
     row["average"] = sum(row[n] for n in objectives) / len(objectives)
     row["diversity-2"] = rewards.diversity_2(responses)
     row["edit rate"] = statistics.fmean(rewards.edit_rate(p, r) for p, r in zip(prompts, responses))
@@ -159,7 +148,7 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
         raise InputError(f"generation runs must be >= 1, got {generation_runs}")
     aggregated = searched_objectives(search_result, objectives)   # the search's adapters, any d
     weights = None if search_result is None else check_search(search_result, aggregated)
-    runs = find_runs(runs_dir)
+    runs = files.find_runs(runs_dir)
     seeds = sorted(runs, key=seed_order)
     for s in seeds:  # before any work: runs/<method>-<seed>/adapter must be an adapter of <method>
         for method, folder in runs[s].items():

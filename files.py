@@ -3,7 +3,9 @@ safetensors read/write that never leave half a file, and the strict state-dict c
 
 Why a module of its own: t5.py, bert.py, gpt2.py, lora.py, rewards.py, scst.py, search.py and emorl.py
 all read or write checkpoints and results the same way; kept in t5.py these helpers made the model file
-longer than one sitting. Nothing here knows about EMORL or the paper.
+longer than one sitting. Nothing here knows about the paper; the one project convention kept here is
+the run folder layout, runs/<method>-<seed>/ (`run_folder`), that `train` writes and `search`, `generate`
+and `evaluate` read back (`find_runs`, `newest_adapters`): one place, so the writer and the readers agree.
 
 Conventions (README "Reliability"): bad input raises `InputError` with a message that names the file,
 key or value; `emorl.main` prints it on one line and exits with status 2. Every result file is written by
@@ -12,6 +14,7 @@ and `remove_stale_temporaries` deletes what a kill between write and rename left
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -150,3 +153,42 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str
         if tuple(value.shape) != tuple(expected[key].shape):
             raise InputError(f"{source}: key {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+# ----------------------------------------------------------------------------- run folders
+NOT_RUNS = ("base", "param", "logit", "hidden")  # evaluate's rows that no training run is named after
+
+
+def run_folder(runs_dir: str, method: str, seed) -> str:
+    """runs/<method>-<seed>/: one training run; scst.train writes adapter/, summary.json (when finished),
+    checkpoint.pt and the logs there."""
+    return os.path.join(runs_dir, f"{method}-{seed}")
+
+
+def find_runs(runs_dir: str) -> dict[int | str, dict[str, str]]:
+    """{seed: {method: run folder}} for every finished run (summary.json present) under runs_dir, any
+    folder named <method>-<seed> but those of NOT_RUNS; the seed is the text after the last dash, an int
+    or a label (runs/reflection-authors). --seed is >= 0, so reflection--1 is the label "-1" of
+    "reflection", not seed 1 of "reflection-"."""
+    found: dict[int | str, dict[str, str]] = {}
+    for summary in sorted(glob.glob(os.path.join(glob.escape(runs_dir), "*-*", "summary.json"))):
+        folder = os.path.dirname(summary)
+        method, _, seed = os.path.basename(folder).rpartition("-")
+        if method.endswith("-"):  # <method>--1
+            method, seed = method[:-1], "-" + seed
+        if method and seed and method not in NOT_RUNS:
+            found.setdefault(int(seed) if seed.isdigit() else seed, {})[method] = folder
+    return found
+
+
+def newest_adapters(runs_dir: str, names) -> list[str]:
+    """The adapter folder of the newest finished run (by summary.json's time) of each objective in `names`."""
+    runs = find_runs(runs_dir).values()
+    found = []
+    for name in names:
+        summaries = [os.path.join(folders[name], "summary.json") for folders in runs if name in folders]
+        if not summaries:
+            raise InputError(f"no finished '{name}' run under {runs_dir}/: run `python emorl.py train {name}` first, "
+                             "or pass --adapters")
+        found.append(os.path.join(os.path.dirname(max(summaries, key=os.path.getmtime)), "adapter"))
+    return found

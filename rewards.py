@@ -101,9 +101,15 @@ def _weights(weights, scores: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def clip(scores: torch.Tensor) -> torch.Tensor:
+    """clip(s, 1e-4, 0.9999): the public code's logsum_score clips every objective score it uses, in
+    training, validation, the search and the test (utils_scoring.py:213-214)."""
+    return scores.clamp(CLIP_MIN, CLIP_MAX)
+
+
 def combine_logsum(scores: torch.Tensor, weights) -> torch.Tensor:
     """scores [N, d], weights [d] -> Σ_i w_i · log(clip(s_i, 1e-4, 0.9999))  [N]  (SPEC §2, "logsum")."""
-    return (scores.clamp(CLIP_MIN, CLIP_MAX).log() * _weights(weights, scores)).sum(dim=1)
+    return (clip(scores).log() * _weights(weights, scores)).sum(dim=1)
 
 
 def combine_mean(scores: torch.Tensor, weights=None) -> torch.Tensor:

@@ -13,6 +13,8 @@ softmax's (recomputed by teacher forcing, not the top-k sampler's) and the sums 
 real tokens (up to and including the first `</s>`). Validation every 8 steps from step 8: k sampled
 responses per aggregation prompt, eval mode; convergence when the CV of the last 20 validation rewards
 (mean of the trained objectives' clipped scores) is < 0.015. DynaOpt: class DynaOpt (two Exp3 bandits).
+Each run draws from its own random state, seeded by (--seed, objective) (run_seed), as the authors'
+objectives each continue one global stream: no two objectives share a LoRA init, batch order or sample.
 Speed without changing the maths: sampling runs on the adapter merged into the weights (sample_responses),
 and the log-probs + KL carry a hand-written gradient (token_logprobs_and_kl, checked against autograd).
 
@@ -223,8 +225,16 @@ def score(scorers: dict, names, prompts, responses) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def run_seed(seed: int, objective: str) -> int:
+    """The run's own random state (LoRA init, batch order, sampling noise, validation, DynaOpt's draws),
+    derived from (--seed, objective): two objectives trained with one --seed never share a draw, as the
+    authors' objectives, trained one after another from one set_seed, continue one global stream
+    (el_training.py:321-330); each run still reproduces alone, in any process and order."""
+    return int(hashlib.sha256(f"run {objective} {seed}".encode()).hexdigest()[:15], 16)
+
+
 def validation_seed(seed: int, step: int) -> int:
-    """A validation's own sampling seed: the same for a given (seed, step), whatever ran before it."""
+    """A validation's own sampling seed (seed: the run's): the same for a given (seed, step), whatever ran before it."""
     return int(hashlib.sha256(f"validation {seed} {step}".encode()).hexdigest()[:15], 16)
 
 
@@ -242,16 +252,16 @@ def sample_responses(model, input_ids, attention_mask, args, generator) -> torch
 def validate(model, tokenizer, scorers, prompts, args, step: int) -> dict[str, float]:
     """The authors' validation: k sampled responses per prompt (top-k, temperature 1) on every given
     prompt, mean clipped score per objective. Eval mode (no dropout) and a generator seeded from
-    (seed, step), so the same model gives the same numbers, after a resume too."""
+    (run seed, step), so the same model gives the same numbers, after a resume too."""
     model.eval()
-    generator = torch.Generator(device=args.device).manual_seed(validation_seed(args.seed, step))
+    generator = torch.Generator(device=args.device).manual_seed(validation_seed(run_seed(args.seed, args.objective), step))
     k, names = args.samples_per_prompt, list(scorers)
     totals = torch.zeros(len(names), dtype=torch.float64)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
         tokens = sample_responses(model, *encode_prompts(tokenizer, batch, args.device, repeat=k), args, generator)
         scores = score(scorers, names, [p for p in batch for _ in range(k)], tokenizer.batch_decode(tokens))
-        totals += scores.clamp(rewards.CLIP_MIN, rewards.CLIP_MAX).double().sum(0)
+        totals += rewards.clip(scores).double().sum(0)
     return {name: (total / (len(prompts) * k)).item() for name, total in zip(names, totals)}
 
 
@@ -358,9 +368,10 @@ class TrainingRun:
     def __init__(self, run_dir: str, args, num_train: int, settings: dict):
         self.run_dir, self.args, self.num_train, self.settings = run_dir, args, num_train, settings
         self.objectives = trained_objectives(args)
+        self.seed = run_seed(args.seed, args.objective)
         self.step, self.epoch, self.cursor, self.elapsed = 0, 0, 0, 0.0
         self.history, self.validations, self.converged = [], [], False   # history: the CV rule's window
-        self.dynaopt = DynaOpt(len(self.objectives), args.gamma, args.seed) if args.objective == "dynaopt" else None
+        self.dynaopt = DynaOpt(len(self.objectives), args.gamma, self.seed) if args.objective == "dynaopt" else None
         self.log_sizes = {"train.jsonl": 0, "train.log": 0}
 
     # --- data order: a seeded reshuffle per epoch, a cursor into it
@@ -368,7 +379,7 @@ class TrainingRun:
         batch = []
         while len(batch) < self.args.batch_size:
             order = list(range(self.num_train))
-            random.Random(self.args.seed * 100_003 + self.epoch).shuffle(order)
+            random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
             take = order[self.cursor:self.cursor + self.args.batch_size - len(batch)]
             batch += [examples[i] for i in take]
             self.cursor += len(take)
@@ -489,12 +500,12 @@ def train(model, tokenizer, scorers: dict, train_examples: list, validation_prom
     if args.top_k < 0:
         raise InputError(f"--top-k {args.top_k}: must be 0 (the full softmax) or a positive number of tokens")
     os.makedirs(run_dir, exist_ok=True)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(run_seed(args.seed, args.objective))   # the LoRA init: this objective's own
     if args.objective not in lora.adapter_names(model):
         lora.add_adapter(model, args.objective)
     lora.set_adapter(model, args.objective)
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model, args.objective), lr=args.lr)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = torch.Generator(device=args.device).manual_seed(run_seed(args.seed, args.objective))
     run = TrainingRun(run_dir, args, len(train_examples), run_settings(args, model, train_examples, validation_prompts))
     finished = finished_summary(run_dir, args, run.settings)
     if finished is not None:

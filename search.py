@@ -20,6 +20,10 @@ Deviations from the paper / public code:
   continuation and never feeds the chosen tokens back: the merged text is not what any of the mixed
   distributions was conditioned on (a defect, not copied). The mixture is not the hidden level:
   z1 = (5,0,4), z2 = (0,5,4), w = (0.6,0.4): Σ w z picks the third token, Σ w softmax(z) the first (tested).
+  Each model's full distribution is mixed; the public code mixes each one's top 50, renormalised
+  (generate's processed scores, el_aggregation.py:114-116, 124-125), over model 0's number of steps.
+- The search objective averages scores clipped to [1e-4, 0.9999] (rewards.clip), as the public code's
+  logsum scorer does in its search (utils_scoring.py:213-214 via el_aggregation.py:160).
 - Each row stops at its own </s> (the paper's intent); the public code's hidden level runs every row
   until all rows emit </s> at the same step and keeps the text after a row's </s>
   (el_aggregation.py:228, el_test.py:175).
@@ -53,6 +57,7 @@ from tqdm import tqdm
 import data
 import lora
 import report
+import rewards
 import files
 import t5
 from files import InputError
@@ -237,7 +242,7 @@ def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None,
 # ----------------------------------------------------------------------------- command layer
 def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hidden", batch_size=16,
                    max_new_tokens=64, device="cpu"):
-    """objective(weights) -> (mean over objectives, [mean score over `prompts` per scorer]),
+    """objective(weights) -> (mean over objectives, [mean clipped score over `prompts` per scorer]),
     decoding policy_input(prompt) (≤ 128 tokens) with ensemble_generate; scorers in dict order."""
     if not prompts:
         raise InputError("grid search: the aggregation split has no prompts")
@@ -251,7 +256,7 @@ def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hid
             tokens = ensemble_generate(model, adapter_names, weights, ids, mask, level=level, max_new_tokens=max_new_tokens)
             responses = tokenizer.batch_decode(tokens)
             for j, scorer in enumerate(scorers.values()):
-                totals[j] += float(scorer(chunk, responses).float().sum())
+                totals[j] += float(rewards.clip(scorer(chunk, responses).float()).sum())  # as el_aggregation.py:160
         per_objective = [t / len(prompts) for t in totals]
         return sum(per_objective) / len(per_objective), per_objective
 

@@ -21,7 +21,7 @@ mutmut does not mutate functions with a decorator other than @staticmethod/@clas
 Equivalent mutants are listed in EQUIVALENT by (function, the mutated line) with one line why;
 a surviving mutant whose diff matches an entry is counted as equivalent, not survived.
 
-    python bench/mutation.py [MODULE ...] [--jobs 2] [--out bench/results/mutation.md] [--survivors] [--baseline]
+    python bench/mutation.py [MODULE ...] [--jobs 2] [--out bench/results/mutation.md] [--survivors]
 
 The table goes to stdout and to --out (Markdown) with a JSON file beside it listing every
 mutant's status; --survivors also prints the diff of every surviving mutant. Run it with
@@ -43,19 +43,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # module -> (test files it is checked by, functions in scope: None = all, functions left out).
-# Names are "function" or "Class.method" (fnmatch patterns). Missing test files are skipped, so a file
-# added later (tests/test_evaluate.py) is picked up.
+# Names are "function" or "Class.method" (fnmatch patterns). Missing test files are skipped. Besides the
+# module's own test file, a module lists the files whose tests call it directly (search's tests decode with
+# lora and t5; evaluate's call search, lora and t5; scst's combine rewards): mutmut runs, for each mutant,
+# only the selected tests that call the mutated function.
 MODULES = {
-    "rewards": (["tests/test_rewards.py", "tests/test_objectives.py"], None,
+    "rewards": (["tests/test_rewards.py", "tests/test_objectives.py", "tests/test_scst.py"], None,
                 # checkpoint loading / conversion and model construction: file plumbing, checked against
                 # Hugging Face and by the error tests, not a stated behaviour of the method
                 ["load_distilbert_classifier", "*.from_dir", "convert_checkpoint", "checkpoint_key", "_unwrap",
                  "load_scorers", "check_vocab", "*.__init__"]),
-    "report": (["tests/test_search.py", "tests/test_report.py"], None,
+    "report": (["tests/test_report.py", "tests/test_search.py"], None,
                # the SVG figure's drawing (coordinates, colours); test_search checks its structure
                ["search_svg", "_subpanel", "_colourbar", "colour"]),
-    "search": (["tests/test_search.py"], None, []),
-    "lora": (["tests/test_lora.py", "tests/test_npz.py"], None, []),
+    "search": (["tests/test_search.py", "tests/test_evaluate.py"], None, []),
+    "lora": (["tests/test_lora.py", "tests/test_npz.py", "tests/test_search.py", "tests/test_evaluate.py"], None, []),
     "scst": (["tests/test_scst.py"],
              # the pure maths of §4 / SPEC §2 (with the KL's hand-written gradient), the DynaOpt bandit and the
              # merged-weight sampling; the training loop, checkpoints and
@@ -65,13 +67,12 @@ MODULES = {
               "_LogprobsAndKL.*", "scst_loss", "coefficient_of_variation", "converged", "Exp3.*", "DynaOpt.*",
               "trained_objectives", "combine_rewards", "shift_right", "score", "sample_responses"], []),
     "evaluate": (["tests/test_evaluate.py"], None, []),
-    "t5": (["tests/test_t5.py"],
+    "t5": (["tests/test_t5.py", "tests/test_search.py", "tests/test_evaluate.py"],
            # generation only; the model layers, loader and tokenizer are checked against HF in test_t5.py
            ["top_k_filter", "decode_loop", "generate", "T5ForConditionalGeneration.decode",
             "T5ForConditionalGeneration.logits", "T5LayerSelfAttention.forward", "T5Attention.position_bias",
             "KVCache.*"], []),
 }
-COMMON_TESTS = ["tests/test_mutants.py"]  # the tests written to kill surviving mutants
 # End-to-end tests in a selected file, deselected: they run emorl.py in subprocesses (mutmut cannot see which
 # function they call) and take over a minute; the file's in-process tests check the same functions.
 DESELECT = ["tests/test_objectives.py::test_add_an_objective_train_it_alone_search_d_2_and_4_evaluate",
@@ -354,10 +355,9 @@ def equivalent_reason(function, added):
     return None
 
 
-def run_module(module, jobs, show_survivors, baseline=False):
-    tests = MODULES[module][0]
+def run_module(module, jobs, show_survivors):
     patterns, _ = in_scope(module)
-    tests = [t for t in tests + ([] if baseline else COMMON_TESTS) if (ROOT / t).exists()]
+    tests = [t for t in MODULES[module][0] if (ROOT / t).exists()]
     work = ROOT / ".mutation" / module
     if not tests:  # mutmut would run the whole suite: report the module as untested instead
         print(f"mutation: {module}: no test file selected", file=sys.stderr)
@@ -413,8 +413,6 @@ def main():
                         help=f"modules to test (default: all of {', '.join(MODULES)})")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested in parallel (default 2)")
     parser.add_argument("--out", default="bench/results/mutation.md", help="Markdown table; JSON beside it")
-    parser.add_argument("--baseline", action="store_true",
-                        help=f"leave out {', '.join(COMMON_TESTS)} (the score before the tests written for mutants)")
     parser.add_argument("--survivors", action="store_true", help="print the diff of every surviving mutant")
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
@@ -428,14 +426,13 @@ def main():
     results = []
     for module in modules:
         print(f"mutation: {module} ...", file=sys.stderr, flush=True)
-        results.append(run_module(module, args.jobs, args.survivors, args.baseline))
+        results.append(run_module(module, args.jobs, args.survivors))
         print("mutation: " + " | ".join(map(str, row(results[-1]))), file=sys.stderr, flush=True)
     header = ["module", "mutants", "killed", "timeout", "survived", "equivalent", "no tests", "other",
               "score", "seconds"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(map(str, row(r))) + " |" for r in results]
-    text = (f"mutmut, commit {commit}{' (+ uncommitted changes)' if dirty else ''}"
-            f"{', without ' + ', '.join(COMMON_TESTS) if args.baseline else ''}\n\n") + "\n".join(table) + "\n"
+    text = f"mutmut, commit {commit}{' (+ uncommitted changes)' if dirty else ''}\n\n" + "\n".join(table) + "\n"
     lines = [f"- {m['name']}: {m['status']}" + (f" ({m['why']})" if "why" in m else "")
              for r in results for m in r["mutants"] if m["status"] not in ("killed", "timeout")]
     print(text)

@@ -221,9 +221,15 @@ def build_policy(directory, train, heldout, vocab_texts, seed, epochs):
 
 
 # ----------------------------------------------------------------------------- 3. reflection scorer
+# The reflection stand-in's target by PAIR level: "is this a reflection?", a simple one (mq) nearly as much
+# as a complex one (hq). A scorer that saturates on any real reflection, as the paper's does (its adapters reach
+# 0.9+), so that a converged reflection adapter's validations are steady enough for the CV rule.
+REFLECTION_TARGET = {2: 1.0, 1: 0.8, 0: 0.0}
+
+
 def scored_pairs(examples):
-    """(prompt, response, level / 2) for every PAIR response column."""
-    return [(e.prompt, e.responses[c], data.LEVELS[c] / 2) for e in examples for c in data.RESPONSE_COLUMNS]
+    """(prompt, response, REFLECTION_TARGET[level]) for every PAIR response column."""
+    return [(e.prompt, e.responses[c], REFLECTION_TARGET[data.LEVELS[c]]) for e in examples for c in data.RESPONSE_COLUMNS]
 
 
 def encoder_config(spec, vocab_size, model_type, labels=None):

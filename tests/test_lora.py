@@ -1,10 +1,12 @@
 """lora.py: LoRA = base at init, mixed rows = single adapters, merged = unmerged, PEFT file compatibility both
 ways (peft is a test oracle only), strict loading errors."""
 import json
+import math
 
 import pytest
 import torch
 from torch import nn
+from safetensors import safe_open
 
 import lora
 import files
@@ -312,3 +314,243 @@ def test_bad_target_modules_are_one_line_errors(tmp_path):
     model = Toy()
     lora.add_adapter(model, "a", targets="all-linear")
     assert sorted(p for p, _ in lora._layers(model)) == ["block.0.q", "block.0.wo", "block.1.q", "block.1.wo"]
+
+
+# ----------------------------------------------------------------------------- init, merge, files, dropout, errors
+class TwoLayers(nn.Module):
+    """Two Linear layers named like T5's (q, wo), 16 -> 24 -> 16."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q, self.wo = nn.Linear(16, 24, bias=False), nn.Linear(24, 16, bias=False)
+
+    def forward(self, x):
+        return self.wo(torch.relu(self.q(x)))
+
+
+def two_layers_with_adapters(seed=0):
+    model = TwoLayers(seed).eval()
+    lora.add_adapter(model, "a", r=4, alpha=8, dropout=0.1)
+    lora.add_adapter(model, "b", r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in "ab":
+            for p in lora.adapter_parameters(model, name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_lora_A_starts_as_peft_kaiming_uniform():
+    """A ~ kaiming_uniform(a=√5) (PEFT's default): uniform on ±1/√fan_in; B = 0, so the adapter starts as the base."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 8, bias=False))
+    lora.add_adapter(model, "x", r=16, targets=("0",))
+    A = model[0].lora_A["x"]
+    bound = 1 / math.sqrt(256)
+    assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound  # 4,096 draws reach the edge
+    assert not model[0].lora_B["x"].any()
+
+
+def test_merge_unmerge_merge_again_restores_the_adapters():
+    """Eq. (4) merge, then unmerge: the base weights and the adapters' own (unmerged) forward come back,
+    and a second merge / unmerge cycle works the same."""
+    model, x = two_layers_with_adapters(), torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.set_adapter(model, "a")
+    adapted = model(x)
+    for _ in range(2):
+        lora.merge(model, {"a": 0.5, "b": 0.5})
+        merged = model(x)
+        lora.unmerge(model)
+        assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model(x), adapted)  # adapter "a" active again, not bypassed
+    with lora.weighted_adapters(model, {"a": 0.5, "b": 0.5}):
+        torch.testing.assert_close(model(x), merged, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_adapters_checks_its_row_index():
+    model = two_layers_with_adapters()
+    x = torch.randn(3, 16)
+    with lora.mixed_adapters(model, ["a", "b"], [1, 1, 1]):  # every row the last adapter: valid
+        got = model(x)
+    lora.set_adapter(model, "b")
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)  # bmm vs matmul round-off only
+    for rows in ([0, 2, 1], [[0, 1, 1]], [-1, 0, 0]):
+        with pytest.raises(InputError, match=r"^mixed_adapters: row_adapter must be a 1-D index into 2 adapters$"):
+            lora.mixed_adapters(model, ["a", "b"], rows)
+
+
+def test_saved_adapter_is_a_peft_lora_config(tmp_path):
+    """README: adapters are written in PEFT's layout; the config is PEFT's LoraConfig for plain LoRA and the
+    safetensors metadata says format "pt" (what HF's loaders check)."""
+    model = two_layers_with_adapters()
+    lora.save_adapter(model, "a", tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text()) == dict(
+        peft_type="LORA", task_type="SEQ_2_SEQ_LM", base_model_name_or_path="", r=4, lora_alpha=8,
+        lora_dropout=0.1, target_modules=["q", "wo"], bias="none", fan_in_fan_out=False, inference_mode=True,
+        init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={},
+        alpha_pattern={})
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt"
+    fingerprint = json.loads(metadata[lora.FINGERPRINT_KEY])
+    assert len(fingerprint["shapes"]) == 16 and int(fingerprint["shapes"], 16) >= 0
+    # the dropout comes back from the file; a config without one means no dropout
+    fresh = TwoLayers().eval()
+    lora.load_adapter(fresh, tmp_path / "a", "a")
+    assert {m.dropout_p["a"] for _, m in lora._layers(fresh)} == {0.1}
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["lora_dropout"] = None
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    lora.load_adapter(fresh, tmp_path / "a", "a")
+    assert {m.dropout_p["a"] for _, m in lora._layers(fresh)} == {0.0}
+
+
+def test_load_adapter_config_checks(tmp_path):
+    """A rank of 1 is valid; a bad rank, alpha or target list is a one-line error naming the file."""
+    model = two_layers_with_adapters()
+    directory = tmp_path / "a"
+
+    def load(**changes):
+        lora.save_adapter(model, "a", directory)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        config.update(changes)
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+        return lora.load_adapter(TwoLayers().eval(), directory, "x")
+
+    lora.add_adapter(model, "one", r=1)
+    lora.save_adapter(model, "one", directory)
+    assert lora.load_adapter(TwoLayers().eval(), directory, "x") == "x"
+    config_path = str(directory / "adapter_config.json")
+    for changes in (dict(r=0), dict(r=2.5), dict(r="4"), dict(lora_alpha="8"), dict(target_modules=[]),
+                    dict(target_modules=None)):
+        with pytest.raises(InputError, match=rf"^{config_path}: need integer r >= 1, numeric lora_alpha and target_modules"):
+            load(**changes)
+    with pytest.raises(InputError, match=rf"^{config_path}: not a LoRA adapter config \(peft_type must be LORA\)$"):
+        load(peft_type="PREFIX_TUNING")
+    (directory / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="not a LoRA adapter config"):
+        lora.load_adapter(TwoLayers().eval(), directory, "x")
+
+
+def test_adapter_fingerprint_is_of_the_base_model(tmp_path):
+    """The fingerprint describes the base weights (also while adapters are merged into them), refuses an
+    adapter saved for another base even when its weights are small, and an unreadable one is refused."""
+    model = two_layers_with_adapters()
+    before = lora.base_fingerprint(model)
+    lora.merge(model, {"a": 1.0})
+    assert lora.base_fingerprint(model) == before
+    lora.unmerge(model)
+    other = lora.base_fingerprint(nn.Sequential(nn.Linear(16, 24, bias=False), nn.Linear(24, 8, bias=False)))
+    assert other["shapes"] != before["shapes"]
+    small = TwoLayers()
+    with torch.no_grad():
+        small.q.weight.fill_(0.01)
+    lora.add_adapter(small, "a")
+    lora.save_adapter(small, "a", tmp_path / "a")
+    with torch.no_grad():
+        small.q.weight.fill_(0.02)  # another base: twice the weights, still tiny sums
+    with pytest.raises(InputError, match="another base model"):
+        lora.load_adapter(small, tmp_path / "a", "a")
+    tensors = files.load_safetensors(str(tmp_path / "a" / "adapter_model.safetensors"))
+    files.save_safetensors(tensors, str(tmp_path / "a" / "adapter_model.safetensors"), {lora.FINGERPRINT_KEY: "{not json"})
+    with pytest.raises(InputError, match="another base model"):
+        lora.load_adapter(TwoLayers(), tmp_path / "a", "a")
+
+
+def test_lora_dropout_is_on_in_training_and_unbiased():
+    """README: the LoRA dropout stays on during RL. In training mode each pass draws a new mask on the
+    adapter's input (inverted dropout: the mean over many rows is the eval-mode output), in eval mode none;
+    the same holds for the mixed-adapter batch."""
+    model = TwoLayers().eval()
+    lora.add_adapter(model, "d", r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        for p in lora.adapter_parameters(model, "d"):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.3)
+    layer = model.q
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(6)).expand(20000, 16)
+    expected = layer(x[:1])
+    torch.manual_seed(0)
+    layer.train()
+    for mode in ({"d": 1.0}, (["d"], torch.zeros(20000, dtype=torch.long))):
+        layer.mode = mode
+        first, second = layer(x), layer(x)
+        assert not torch.equal(first, second)  # a fresh mask each pass
+        assert not torch.allclose(first[0], expected[0])
+        delta = expected[0] - x[0] @ layer.weight.T  # the adapter's own term
+        assert (first.mean(0) - expected[0]).abs().max() < 0.1 * delta.abs().max()  # unbiased
+    layer.eval()
+    layer.mode = {"d": 1.0}
+    assert torch.equal(layer(x[:1]), expected)
+
+
+def test_adapter_arguments_and_names_are_checked():
+    """One-line errors that name the problem: a bad adapter name, r < 1, dropout outside [0, 1), targets
+    that match nothing, an unknown adapter (listing the model's adapters, or none)."""
+    model = TwoLayers()
+    with pytest.raises(InputError, match="^unknown adapter 'z' \\(the model has: none\\)$"):
+        lora.adapter_parameters(model, "z")
+    for name in ("", "a.b", 3):
+        with pytest.raises(InputError, match=f"^adapter name {name!r}: must be a non-empty string without '.'$"):
+            lora.add_adapter(model, name)
+    for r, dropout in ((0, 0.1), (2, 1.0), (2, 1.5), (2, -0.1)):
+        with pytest.raises(InputError, match=f"^adapter x: need r >= 1 and 0 <= dropout < 1, got r={r}, dropout={dropout}$"):
+            lora.add_adapter(model, "x", r=r, dropout=dropout)
+    with pytest.raises(InputError, match="^adapter x: no nn.Linear matches target_modules \\['k'\\]$"):
+        lora.add_adapter(model, "x", targets=["k"])
+    lora.add_adapter(model, "a", r=2, dropout=0.0)
+    lora.add_adapter(model, "b", r=2, dropout=0.0)
+    with pytest.raises(InputError, match="^unknown adapter 'z' \\(the model has: a, b\\)$"):
+        lora.set_adapter(model, "z")
+
+
+def test_all_linear_targets_every_linear_but_lm_head():
+    """PEFT's "all-linear" shorthand, in any case: every nn.Linear but lm_head."""
+    for targets in ("all-linear", "ALL-Linear"):
+        model = nn.Sequential()
+        model.add_module("q", nn.Linear(4, 4))
+        model.add_module("lm_head", nn.Linear(4, 4))
+        lora.add_adapter(model, "a", r=2, targets=targets)
+        assert [path for path, _ in lora._layers(model)] == ["q"]
+
+
+def test_base_fingerprint_probes_first_64_entries_of_8_spread_parameters():
+    """The fingerprint saved with an adapter: (sum, sum |x|) of the first 64 entries of ≤ 8 base
+    parameters taken every len // 8 (at least every one), hand-computed on 9 and 17 parameters."""
+    for count, picked in ((9, range(8)), (17, range(0, 16, 2)), (5, range(5))):
+        model = nn.Sequential(*[nn.Linear(10, 10, bias=False) for _ in range(count)])
+        with torch.no_grad():
+            for i, layer in enumerate(model):
+                layer.weight.copy_(torch.linspace(-1.0, 2.0, 100).view(10, 10) * (i + 1))
+        lora.add_adapter(model, "a", r=2, targets=["0"])      # adapter parameters are not probed
+        first64 = [(torch.linspace(-1.0, 2.0, 100) * (i + 1))[:64].double() for i in picked]
+        expected = [[float(w.sum()), float(w.abs().sum())] for w in first64]
+        assert lora.base_fingerprint(model)["probes"] == expected
+
+
+def test_mixed_adapters_in_training_keep_device_dtype_and_layers_without_the_adapter():
+    """Mixed-adapter batches (one adapter per row) in training mode: each row gets its own adapter's
+    dropout rate; a layer the row's adapter does not wrap adds nothing and leaves that row untouched;
+    everything stays on the model's device (meta here) and in its dtype (bfloat16); the row count is checked."""
+    model = TwoLayers()
+    lora.add_adapter(model, "a", r=2, alpha=4, dropout=0.5, targets=["q", "wo"])
+    lora.add_adapter(model, "b", r=3, alpha=6, dropout=0.25, targets=["q"])
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for p in lora.adapter_parameters(model, name):
+                p.normal_(0.0, 0.3)
+    model.train()
+    x = torch.randn(3, 24)
+    with lora.mixed_adapters(model, ["a", "b"], [0, 1, 1]):
+        out = model.wo(x)
+        with pytest.raises(InputError, match="^mixed_adapters: row_adapter has 3 rows, the batch has 2$"):
+            model.wo(x[:2].unsqueeze(1).expand(2, 5, 24))
+    assert torch.equal(out[1:], x[1:] @ model.wo.weight.T)        # "b" is not on wo: rows 1, 2 are the base output
+    half = model.to(torch.bfloat16)
+    with lora.mixed_adapters(half, ["a", "b"], [0, 1, 1]):
+        assert half(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    meta = model.to("meta")
+    with lora.mixed_adapters(meta, ["a", "b"], [0, 1, 1]):
+        assert meta.q.mode[1].device.type == "meta"
+        assert meta(torch.empty(3, 16, dtype=torch.bfloat16, device="meta")).device.type == "meta"

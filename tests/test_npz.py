@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
+import files
 import lora
 import t5
 from files import InputError
@@ -115,3 +117,97 @@ def test_malformed_npz_is_one_line_error(tmp_path, case, needle):
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- convert_npz
+def test_convert_npz_writes_peft_files_and_a_run_summary(tmp_path):
+    """`convert`: the authors' save_lora .npz -> adapter_model.safetensors (float32, PEFT's "format": "pt"
+    metadata) and the whole PEFT adapter_config.json (their LoraConfig: r, alpha = scaling·r, dropout 0.05,
+    target_modules = last names); under runs/<objective>-<label>/adapter also a summary.json (the label after
+    the last dash, consumption unknown); converting again into the same folder is fine."""
+    import numpy as np
+    from safetensors import safe_open
+    m = "base_model.model.encoder.block.0.layer.0.SelfAttention"
+    A, B = np.arange(8, dtype=np.float64).reshape(2, 4) / 7, np.arange(6, dtype=np.float64).reshape(3, 2) / 5
+    src = tmp_path / "their.npz"
+    np.savez(src, **{f"{m}.q_loraA": A, f"{m}.q_loraB": B, f"{m}.q_scaling": np.float64(8.0),
+                     f"{m}.wo_loraA": A, f"{m}.wo_loraB": B, f"{m}.wo_scaling": np.array([8.0])})
+    directory = tmp_path / "runs" / "four-objectives-authors" / "adapter"
+    written = lora.convert_npz(str(src), str(directory), "t5-small")
+    summary = tmp_path / "runs" / "four-objectives-authors" / "summary.json"
+    assert written == [str(directory / "adapter_model.safetensors"), str(directory / "adapter_config.json"), str(summary)]
+    assert files.read_json(str(directory / "adapter_config.json")) == dict(
+        peft_type="LORA", task_type="SEQ_2_SEQ_LM", base_model_name_or_path="t5-small", r=2, lora_alpha=16,
+        lora_dropout=0.05, target_modules=["q", "wo"], bias="none", fan_in_fan_out=False, inference_mode=True,
+        init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None, rank_pattern={}, alpha_pattern={})
+    assert files.read_json(str(summary)) == {"objective": "four-objectives", "seed": "authors", "imported_from": "their.npz",
+                                             "steps": None, "data_points": None, "wall_seconds": None}
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        a, b = f.get_tensor(f"{m}.wo.lora_A.weight"), f.get_tensor(f"{m}.wo.lora_B.weight")
+    assert a.dtype == b.dtype == torch.float32
+    assert torch.equal(a, torch.tensor(A, dtype=torch.float32)) and torch.equal(b, torch.tensor(B, dtype=torch.float32))
+    assert type(files.read_json(str(directory / "adapter_config.json"))["lora_alpha"]) is int
+    np.savez(src, **{f"{m}.q_loraA": A, f"{m}.q_loraB": B, f"{m}.q_scaling": np.float64(2.25)})
+    assert len(lora.convert_npz(str(src), str(directory))) == 2       # same folder again; summary.json kept
+    assert files.read_json(str(directory / "adapter_config.json"))["lora_alpha"] == 4.5
+    assert files.read_json(str(directory / "adapter_config.json"))["base_model_name_or_path"] == "google-t5/t5-base"
+    assert lora.convert_npz(str(src), str(tmp_path / "elsewhere")) == [str(tmp_path / "elsewhere" / "adapter_model.safetensors"),
+                                                                       str(tmp_path / "elsewhere" / "adapter_config.json")]
+    assert len(lora.convert_npz(str(src), str(tmp_path / "nolabel" / "adapter"))) == 2    # no <objective>-<label>
+    np.savez(src, **{f"{m}.q_loraA": A[:1], f"{m}.q_loraB": B[:, :1], f"{m}.q_scaling": np.float64(2.0)})
+    lora.convert_npz(str(src), str(tmp_path / "rank1"))                                   # rank 1 is a rank
+    assert files.read_json(str(tmp_path / "rank1" / "adapter_config.json"))["r"] == 1
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_loraA": "A"}, "unexpected key 'x_loraA' (expected base_model.model.<module>_loraA / _loraB / _scaling)"),
+    ({"base_model.model._loraA": "A"}, "unexpected key 'base_model.model._loraA'"),
+    ({"base_model.model.q_lorab": "A"}, "unexpected key 'base_model.model.q_lorab'"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_scaling": "s"}, "base_model.model.q_loraB is missing"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "A", "base_model.model.q_scaling": "s"},
+     "base_model.model.q: expected loraA [r, in], loraB [out, r] and a 0-d scaling, got shapes (2, 4), (2, 4), ()"),
+    ({"base_model.model.q_loraA": "A1", "base_model.model.q_loraB": "B1", "base_model.model.q_scaling": "s"},
+     "expected loraA [r, in], loraB [out, r] and a 0-d scaling, got shapes (2,), (4, 2), ()"),
+    ({"base_model.model.q_loraA": "An", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s"},
+     "base_model.model.q_loraA must hold finite numbers (dtype float64)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "sn"},
+     "base_model.model.q_scaling must hold finite numbers (dtype float64)"),
+    ({"base_model.model.q_loraA": "Ao"}, "array 'base_model.model.q_loraA' cannot be read "
+     "(Object arrays cannot be loaded when allow_pickle=False)"),
+    ({"base_model.model.q_loraA": "A0", "base_model.model.q_loraB": "B0", "base_model.model.q_scaling": "s"},
+     "got shapes (0, 4), (4, 0), ()"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s2"},
+     "got shapes (2, 4), (4, 2), (2,)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s11"},
+     "got shapes (2, 4), (4, 2), (1, 1)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "Bs", "base_model.model.q_scaling": "s"},
+     "base_model.model.q_loraB must hold finite numbers (dtype <U1)"),
+    ({"base_model.model.q_loraA": "A", "base_model.model.q_loraB": "B", "base_model.model.q_scaling": "s",
+      "base_model.model.k_loraA": "A", "base_model.model.k_loraB": "B", "base_model.model.k_scaling": "s3"},
+     "ranks [2] / scalings [3.0, 4.0] differ between modules (one rank and one scaling are supported)"),
+])
+def test_convert_npz_errors_name_the_array(tmp_path, arrays, message):
+    import numpy as np
+    values = {"A": np.ones((2, 4)), "B": np.ones((4, 2)), "A1": np.ones(2), "An": np.full((2, 4), np.nan), "sn": np.float64(np.inf), "Ao": np.array([{}], dtype=object), "B1": np.ones((4, 2)), "A0": np.ones((0, 4)),
+              "B0": np.ones((4, 0)), "s": np.float64(4.0), "s2": np.ones(2), "s11": np.ones((1, 1)), "s3": np.float64(3.0),
+              "Bs": np.full((4, 2), "x")}
+    np.savez(tmp_path / "x.npz", **{key: values[v] for key, v in arrays.items()})
+    with pytest.raises(InputError) as error:
+        lora.convert_npz(str(tmp_path / "x.npz"), str(tmp_path / "out"))
+    assert str(error.value) == f"{tmp_path / 'x.npz'}: {message}" or (
+        str(error.value).startswith(f"{tmp_path / 'x.npz'}: ") and message in str(error.value))
+
+
+def test_convert_npz_unreadable_archive_messages(tmp_path, monkeypatch):
+    """A load error is one line: its first line, or its type when it has no text."""
+    import numpy as np
+    src = tmp_path / "x.npz"
+    src.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(InputError, match=r"^.*x\.npz: not a readable \.npz archive \(File is not a zip file\)$"):
+        lora.convert_npz(str(src), str(tmp_path / "out"))
+    with pytest.raises(InputError, match=r"^.*missing\.npz: file not found$"):
+        lora.convert_npz(str(tmp_path / "missing.npz"), str(tmp_path / "out"))
+    monkeypatch.setattr(np, "load", lambda *args, **kwargs: (_ for _ in ()).throw(ValueError()))
+    with pytest.raises(InputError, match=r"^.*x\.npz: not a readable \.npz archive \(ValueError\)$"):
+        lora.convert_npz(str(src), str(tmp_path / "out"))

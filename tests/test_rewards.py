@@ -1,7 +1,9 @@
 """rewards.py: metrics against hand-computed values, the three scorers against Hugging Face on tiny
 random models (the oracle), the DynaOpt converter, and the promised errors."""
+import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -370,3 +372,117 @@ def test_long_pairs_are_truncated_like_hf(reflection, fluency):
         expected = torch.exp(oracle(input_ids=ids, labels=ids).loss)
     perplexity = rewards.FluencyScorer.from_dir(str(directory)).perplexity([prompt], [response])
     torch.testing.assert_close(perplexity[0], expected, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------------- scorer inputs, labels, errors
+def test_reward_combinations_keep_the_scores_dtype_and_device():
+    """combine_logsum / combine_mean compute in the scores' precision and on their device
+    (the code is device-agnostic): weights given as a Python list follow the scores."""
+    scores = torch.tensor([[0.3, 0.6, 0.9]], dtype=torch.float64)
+    third = [1 / 3] * 3
+    assert abs(rewards.combine_mean(scores, third).item() - 0.6) < 1e-15  # float64, not float32 weights
+    logsum = sum(math.log(s) / 3 for s in (0.3, 0.6, 0.9))
+    assert abs(rewards.combine_logsum(scores, third).item() - logsum) < 1e-15
+    meta = torch.empty(4, 3, device="meta")  # any device but the CPU: list weights must be placed beside the scores
+    assert rewards.combine_mean(meta, third).device.type == "meta"
+    assert rewards.combine_logsum(meta, third).shape == (4,)
+
+
+def test_scorer_count_mismatch_names_the_scorer_and_counts():
+    """A bad input is a one-line error that names the problem."""
+    with pytest.raises(InputError, match=r"^fluency scorer: 2 prompts but 1 responses$"):
+        rewards.FluencyScorer(None, None)(["a", "b"], ["x"])
+
+
+class RecordingTokenizer:
+    """Stands in for the scorers' tokenizers: records each batch call's (kind, max_length, device)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _batch(self, kind, prompts, responses, max_length, device):
+        self.calls.append((kind, max_length, device))
+        return {"input_ids": torch.zeros(len(prompts), 2, dtype=torch.long),
+                "attention_mask": torch.ones(len(prompts), 2, dtype=torch.long)}
+
+    def batch_encode_roberta(self, prompts, responses, max_length=None, device="unset"):
+        return self._batch("roberta", prompts, responses, max_length, device)
+
+    def batch_encode(self, prompts, responses, max_length=None, device="unset"):
+        return self._batch("bert", prompts, responses, max_length, device)
+
+    def encode(self, text):
+        return [5] * len(text.split())
+
+    def pad(self, rows, pad_id, device="unset"):
+        self.calls.append(("pad", device))
+        return torch.zeros(len(rows), 2, dtype=torch.long), torch.ones(len(rows), 2, dtype=torch.long)
+
+
+def test_scorers_cap_at_512_tokens_and_put_inputs_on_their_device(monkeypatch):
+    """The scorers' encoders read at most 512 tokens (BERT / RoBERTa's usual context; RoBERTa's positions
+    start after its pad id) or their own smaller context, and every batch is made on the scorer's device."""
+    from types import SimpleNamespace
+    logits = lambda n, k: torch.zeros(n, k)  # noqa: E731
+    for positions, expected in ((600, 512), (100, 98)):
+        config = SimpleNamespace(max_position_embeddings=positions, pad_token_id=1, model_type="roberta")
+        model = lambda input_ids, attention_mask, **_: torch.zeros(input_ids.shape[0])  # noqa: E731
+        model.roberta = SimpleNamespace(config=config)
+        tok = RecordingTokenizer()
+        rewards.ReflectionScorer(model, tok, device="cuda:1")(["a"], ["b"])
+        assert tok.calls == [("roberta", expected, "cuda:1")]
+        model = lambda input_ids, attention_mask, **_: logits(input_ids.shape[0], 2)  # noqa: E731
+        model.config = config
+        tok = RecordingTokenizer()
+        rewards.ClassifierScorer(model, tok, device="cuda:1", label=0)(["a"], ["b"])
+        assert tok.calls == [("roberta", expected, "cuda:1")]
+    for positions, expected in ((600, 512), (100, 100)):
+        model = lambda input_ids, attention_mask, **_: logits(input_ids.shape[0], 1)  # noqa: E731
+        model.config = SimpleNamespace(max_position_embeddings=positions, pad_token_id=0, model_type="bert")
+        tok = RecordingTokenizer()
+        rewards.ClassifierScorer(model, tok, device="cuda:1")(["a"], ["b"])
+        assert tok.calls == [("bert", expected, "cuda:1")]
+    monkeypatch.setattr(rewards.gpt2, "sequence_nll", lambda model, ids, mask: torch.zeros(ids.shape[0]))
+    tok = RecordingTokenizer()
+    model = SimpleNamespace(config=SimpleNamespace(n_positions=64))
+    assert rewards.FluencyScorer(model, tok, device="cuda:1").perplexity(["a b"], ["c"]).tolist() == [1.0]
+    assert tok.calls == [("pad", "cuda:1")]
+
+
+def test_label_index_names_and_numbers_the_labels():
+    """A multi-label classifier's output: a name from id2label or an index; without id2label the labels are
+    their indices; errors list the labels and the index range."""
+    raw = {"id2label": {"0": "advice", "1": "autonomy", "2": "other"}}
+    assert rewards.label_index(raw, 3, "autonomy", "d") == 1 and rewards.label_index(raw, 3, "2", "d") == 2
+    assert rewards.label_index({}, 2, "1", "d") == 1 and rewards.label_index({}, 1, None, "d") is None
+    with pytest.raises(InputError, match=r"^d: the classifier has 2 labels \(0, 1\): name the one to score as NAME=DIR:LABEL$"):
+        rewards.label_index({}, 2, None, "d")
+    with pytest.raises(InputError, match=r"^d: unknown label 'x' \(labels: advice, autonomy, other, or an index 0-2\)$"):
+        rewards.label_index(raw, 3, "x", "d")
+    with pytest.raises(InputError, match=r"^d: unknown label '2' \(labels: 0, 1, or an index 0-1\)$"):
+        rewards.label_index({"id2label": {"0": "0"}}, 2, "2", "d")
+
+
+def test_load_scorer_passes_device_and_batch_size_and_names_a_wrong_model(tmp_path, monkeypatch):
+    """Every scorer is built on the given device with the given batch size (default 32); a folder that is no
+    known kind of scorer is one line naming its model_type (and architectures when the config has them)."""
+    seen = []
+    record = lambda kind: classmethod(lambda cls, directory, device="unset", batch_size="unset", **kw: (  # noqa: E731
+        seen.append((kind, device, batch_size, kw.get("label"))), types.SimpleNamespace())[1])
+    monkeypatch.setattr(rewards.FluencyScorer, "from_dir", record("fluency"))
+    monkeypatch.setattr(rewards.ClassifierScorer, "from_dir", record("classifier"))
+    monkeypatch.setattr(rewards.ReflectionScorer, "from_dir", record("reflection"))
+    for model_type in ("gpt2", "bert", "xlnet"):
+        (tmp_path / model_type).mkdir()
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+    rewards.load_scorer("reflection", "r", device="cuda:1", batch_size=4)
+    rewards.load_scorer("reflection", "r")
+    assert rewards.load_scorer("lm", str(tmp_path / "gpt2"), device="cuda:1", batch_size=4).name == "lm"
+    rewards.load_scorer("lm", str(tmp_path / "gpt2"))
+    rewards.load_scorer("cls", str(tmp_path / "bert"), "x", device="cuda:1", batch_size=4)
+    rewards.load_scorer("cls", str(tmp_path / "bert"), "x")
+    assert seen == [("reflection", "cuda:1", 4, None), ("reflection", "cpu", 32, None), ("fluency", "cuda:1", 4, None),
+                    ("fluency", "cpu", 32, None), ("classifier", "cuda:1", 4, "x"), ("classifier", "cpu", 32, "x")]
+    with pytest.raises(InputError, match=r"^.*xlnet: cannot score objective 'x' with this model \(model_type 'xlnet'\); "
+                                         r"expected a BERT, DistilBERT or RoBERTa sequence classifier or a GPT-2 LM$"):
+        rewards.load_scorer("x", str(tmp_path / "xlnet"))

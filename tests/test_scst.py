@@ -12,11 +12,13 @@ import random
 import pytest
 import torch
 
-import lora
-import scst
 import files
+import lora
+import rewards
+import scst
 import t5
 from data import Example
+from files import InputError
 
 
 # ----------------------------------------------------------------------------- pure maths
@@ -522,3 +524,97 @@ def test_kl_of_the_first_step_is_zero_even_with_t5_dropout(tiny):
     stats = scst.scst_step(noisy, tokenizer, SCORERS, optimizer, [e.prompt for e in examples(4)], {"reflection": 1.0},
                            args, torch.Generator().manual_seed(0))
     assert abs(stats["kl"]) < 1e-5
+
+
+def test_each_objective_has_its_own_random_state_and_reproduces(tiny, tmp_path, monkeypatch):
+    """The authors train the objectives one after another from one set_seed (el_training.py:321-330): each
+    continues the global stream, so no two share a LoRA init, batch order or sampling noise. Here each
+    run's state comes from (seed, objective): two objectives' step-1 samples (from the same base policy,
+    B = 0) differ, and the same objective and seed draws the same again."""
+    model, tokenizer = tiny
+    drawn = []
+    sample = scst.sample_responses
+    monkeypatch.setattr(scst, "sample_responses", lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])
+
+    def step_one(objective, folder):
+        args = make_args(objective=objective, max_steps=1, val_every=100)
+        scst.train(copy.deepcopy(model), tokenizer, SCORERS, examples(8), [e.prompt for e in examples(2)], args,
+                   str(tmp_path / folder))
+        lora_a = files.load_safetensors(str(tmp_path / folder / "adapter"))
+        return drawn[-1], [v for k, v in sorted(lora_a.items()) if "lora_A" in k]
+
+    reflection, reflection_a = step_one("reflection", "r")
+    empathy, empathy_a = step_one("empathy", "e")
+    again, again_a = step_one("reflection", "r2")
+    assert not torch.equal(reflection, empathy)
+    assert not torch.equal(reflection_a[0], empathy_a[0])
+    assert torch.equal(reflection, again) and all(torch.equal(a, b) for a, b in zip(reflection_a, again_a))
+    assert scst.run_seed(0, "reflection") != scst.run_seed(0, "empathy") != scst.run_seed(1, "empathy")
+
+
+# ----------------------------------------------------------------------------- objectives, bandits, CV by hand
+def test_training_rewards_combination_and_scoring():
+    """The baselines train on all three objectives unless --objectives names others; a single-objective run
+    on its own objective; their reward combination keeps the scores' dtype and device; `score` hands each
+    scorer the prompts and names it when a reward is NaN."""
+    from argparse import Namespace
+    assert scst.trained_objectives(Namespace(objective="uniform")) == \
+        scst.trained_objectives(Namespace(objective="dynaopt", objectives=None)) == list(rewards.OBJECTIVES)
+    assert scst.trained_objectives(Namespace(objective="uniform", objectives="empathy,autonomy")) == ["empathy", "autonomy"]
+    assert scst.trained_objectives(Namespace(objective="dynaopt", objectives=["fluency"])) == ["fluency"]
+    assert scst.trained_objectives(Namespace(objective="empathy", objectives="reflection,fluency")) == ["empathy"]
+    scores = torch.tensor([[0.3, 0.6, 0.9]], dtype=torch.float64)
+    assert abs(scst.combine_rewards(scores, [1 / 3] * 3, "mean").item() - 0.6) < 1e-15
+    assert scst.combine_rewards(torch.empty(2, 3, device="meta"), [1 / 3] * 3, "logsum").device.type == "meta"
+    seen = []
+    scorers = {"reflection": lambda p, r: (seen.append(p), torch.tensor([0.5]))[1],
+               "empathy": lambda p, r: torch.tensor([float("nan")])}
+    assert scst.score(scorers, ["reflection"], ["i feel sad"], ["you are sad"]).tolist() == [[0.5]]
+    assert seen == [["i feel sad"]]
+    with pytest.raises(InputError, match=r"^NaN reward from empathy scorer \(row 0\)"):
+        scst.score(scorers, ["empathy"], ["i feel sad"], ["you are sad"])
+
+
+def test_exp3_default_gamma_and_repeated_updates():
+    """DynaOpt's Exp3 with γ = 0.07 by default; a second reward for the same arm multiplies its weight again."""
+    bandit = scst.Exp3(3)
+    bandit.update(0, 0.3)  # p0 = 1/3: w0 = exp(0.07 · 0.9 / 3)
+    p0 = bandit.probabilities()[0]
+    assert p0 == pytest.approx(0.93 * math.exp(0.021) / (math.exp(0.021) + 2) + 0.07 / 3)
+    bandit.update(0, 0.3)
+    assert bandit.weights[0] == pytest.approx(math.exp(0.021) * math.exp(0.07 * 0.3 / p0 / 3))
+
+
+def test_coefficient_of_variation_by_hand():
+    """The convergence rule's CV (population std / |mean|) in float64: a spread of 1e-9 around 1 is seen
+    (float32 would round it away); a zero mean is an infinite CV, a constant curve a CV of 0."""
+    history = [1.0 + 1e-9 * i for i in range(20)]
+    expected = 1e-9 * math.sqrt((20 ** 2 - 1) / 12) / (1.0 + 9.5e-9)
+    assert scst.coefficient_of_variation(history) == pytest.approx(expected, rel=1e-5)
+    assert scst.coefficient_of_variation([0.0] * 20) == math.inf
+    assert scst.coefficient_of_variation([1.0] * 20) == 0.0
+
+
+def test_dynaopt_uses_its_gamma_and_seed_and_resumes_from_its_state():
+    """DynaOpt's bandits both use the given γ (hand values with γ = 0.5); the same seed draws the same arms;
+    state() through JSON (as the checkpoint stores it) and load() continue the run exactly."""
+    import json as _json
+    bandit = scst.DynaOpt(2, gamma=0.5, seed=3)
+    bandit.arm = 0
+    assert bandit.step_weights() == pytest.approx([math.e ** 0.5 / (math.e ** 0.5 + 1), 1 / (math.e ** 0.5 + 1)])
+    bandit.arm = 1
+    bandit.validation(0.4)                  # outer K = 3, p = 1/3: w = exp(γ · 0.4 / (p K))
+    assert bandit.outer.weights == pytest.approx([1.0, math.exp(0.5 * 0.4), 1.0])
+
+    def run(bandit, steps):
+        out = []
+        for i in range(steps):
+            out.append((bandit.arm, bandit.step_weights()))
+            bandit.validation(0.1 * (i % 3) - 0.05)
+        return out
+    assert run(scst.DynaOpt(3, 0.07, seed=5), 40) == run(scst.DynaOpt(3, 0.07, seed=5), 40)
+    first = scst.DynaOpt(3, 0.07, seed=1)
+    run(first, 7)
+    second = scst.DynaOpt(3, 0.07, seed=2)
+    second.load(_json.loads(_json.dumps(first.state())))
+    assert run(second, 30) == run(first, 30)

@@ -1,6 +1,8 @@
 """search.py / report.py: ensemble decoding (Eq. 2, Appendix 11.1-11.2) against single-adapter greedy
 decoding and a no-cache recompute, Algorithm 1 against a plain reference and known optima, resume,
 Pareto/hypervolume on hand-computed fronts, the SVG, and the promised InputErrors."""
+import contextlib
+import copy
 import itertools
 import json
 import math
@@ -9,6 +11,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import lora
 import report
@@ -208,8 +211,9 @@ def test_make_objective_scores_the_decoded_texts(tiny):
     mean, per = objective([0.0, 1.0, 0.0])
     ids, mask = Tok().batch_encode([p + " [SEP] " for p in prompts])
     texts = Tok().batch_decode(single(model, "b", ids, mask, steps=6))
-    expected = [np.mean([min(len(x) / 40, 1.0) for x in texts]), np.mean([float("t5" in x.split()) for x in texts])]
-    assert per == pytest.approx(expected) and mean == pytest.approx(sum(expected) / 2)
+    clip = lambda s: min(max(s, 1e-4), 0.9999)  # noqa: E731 - every score clipped, as el_aggregation.py:160
+    expected = [np.mean([clip(min(len(x) / 40, 1.0)) for x in texts]), np.mean([clip(float("t5" in x.split())) for x in texts])]
+    assert 0 < expected[1] < 1 and per == pytest.approx(expected, rel=1e-6) and mean == pytest.approx(sum(expected) / 2)
     assert seen == list(zip(prompts, texts))  # scorers get the raw prompt and its own response
 
 
@@ -513,3 +517,326 @@ def test_parse_weights():
         with pytest.raises(InputError, match=message) as e:
             search.parse_weights(text, 3)
         assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- defaults, levels, memo, devices
+@pytest.fixture(scope="module")
+def three_adapters():
+    """float64 random T5 (v1.1 flavour, untied head) with three adapters whose B matrices are
+    perturbed, so that the adapters, their mixture and their merge all decode differently."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=48, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                      tie_word_embeddings=False, feed_forward_proj="gated-gelu")
+    model = t5.T5ForConditionalGeneration(cfg).double()
+    for name in ("a", "b", "c"):
+        lora.add_adapter(model, name, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for _, m in lora._layers(model):
+            for name in ("a", "b", "c"):
+                m.lora_B[name].normal_(0.0, 0.3)
+    return model.eval()
+
+
+def test_make_objective_decodes_at_the_requested_level_with_64_new_tokens(three_adapters):
+    """`search --level param` scores the merged model's texts (not the hidden level's), decoded with the
+    default ≤ 64 new tokens (SPEC: all levels decode greedily, ≤ 64 tokens)."""
+    model, tok = three_adapters, Tok()
+    prompts, weights = ["i feel sad", "work is hard today", "nothing helps"], [0.5, 0.3, 0.2]
+    ids, mask = tok.batch_encode([p + " [SEP] " for p in prompts])
+    texts = {level: tok.batch_decode(search.ensemble_generate(model, ["a", "b", "c"], weights, ids, mask, level=level))
+             for level in ("hidden", "param")}
+    assert texts["hidden"] != texts["param"]  # the two levels differ on this model, so the test can fail
+    assert max(len(t.split()) for t in texts["param"]) == 64  # a row runs to the cap: 65 would show
+    for level in ("hidden", "param"):
+        seen = []
+        scorers = {"words": lambda p, r: (seen.extend(r), torch.tensor([len(x.split()) / 128 for x in r]))[1]}
+        objective = search.make_objective(model, tok, ["a", "b", "c"], scorers, prompts, level=level)
+        mean, per = objective(weights)
+        assert seen == texts[level]
+        assert per == pytest.approx([sum(len(x.split()) / 128 for x in texts[level]) / 3]) and mean == per[0]
+
+
+def test_make_objective_without_prompts_says_so(three_adapters):
+    with pytest.raises(InputError, match="^grid search: the aggregation split has no prompts$"):
+        search.make_objective(three_adapters, Tok(), ["a", "b", "c"], {}, [])
+
+
+def peak_objective(weights):
+    """A smooth, scale-invariant objective with its maximum on the ray (0.8, 0.5, 0.05)."""
+    if not any(weights):
+        return -math.inf, [-math.inf] * 3
+    w = torch.tensor(search.normalise(weights), dtype=torch.float64)
+    peak = torch.tensor([0.8, 0.5, 0.05], dtype=torch.float64)
+    value = float(w @ peak / w.norm() / peak.norm())
+    return value, [value, value - 0.01, value - 0.02]
+
+
+def test_run_search_defaults_write_search_json_with_5_iterations(tmp_path, monkeypatch, capsys):
+    """README: `search` writes search.json; Algorithm 1 runs 5 iterations (§4.2). The file's header
+    (objectives, num_iterations, meta) is what a resumed run is compared with."""
+    monkeypatch.chdir(tmp_path)
+    names = ["reflection", "empathy", "fluency"]
+    result = search.run_search(peak_objective, names)
+    stored = files.read_json("search.json")
+    assert stored["objectives"] == names and stored["num_iterations"] == 5 and stored["meta"] is None
+    assert len(stored["iterations"]) == 5 and len(result["iterations"]) == 5
+    assert stored["best_weights"] == search.hierarchical_grid_search(peak_objective, 3)["best_weights"]
+    # a file holding only the header (no evaluation yet) is a fresh start, not an error
+    (tmp_path / "fresh.json").write_text(json.dumps({"objectives": names, "num_iterations": 2, "meta": None}))
+    fresh = search.run_search(peak_objective, names, "fresh.json", iterations=2)
+    assert len(fresh["evaluations"]) == len(search.hierarchical_grid_search(peak_objective, 3, 2)["evaluations"])
+    with pytest.raises(InputError, match=r"^fresh.json: written by a different search: num_iterations \(the file has 2, "
+                                         r"this search 3\); delete it or choose another output path$"):
+        search.run_search(peak_objective, names, "fresh.json", iterations=3)
+
+
+def test_param_level_is_the_weighted_sum_of_the_adapters_deltas(three_adapters):
+    """Appendix 11.1 / Eq. (4): the parameter level decodes θ0 + Σ w_i ΔW_i with the RAW weights (as the public
+    code merges, el_aggregation.py:273; README Fidelity). Oracle: the unmerged weighted forward
+    W x + Σ w_i ΔW_i x (lora.weighted_adapters), greedy through t5.generate."""
+    model, tok = three_adapters, Tok()
+    ids, mask = tok.batch_encode(["i feel sad [SEP] ", "work is hard today [SEP] "])
+    weights, raw = [0.5, 0.3, 0.2], [1.0, 0.6, 0.4]  # one ray, twice the deltas
+    decoded = {}
+    for w in (weights, raw):
+        with lora.weighted_adapters(model, dict(zip("abc", w))):
+            expected = t5.generate(model, ids, mask, max_new_tokens=12)[0]
+        got = search.ensemble_generate(model, list("abc"), w, ids, mask, level="param", max_new_tokens=12)
+        assert torch.equal(got, expected)
+        decoded[tuple(w)] = got
+    assert not torch.equal(decoded[tuple(weights)], decoded[tuple(raw)])  # raw, not w/Σw: the scale matters
+    expected = decoded[tuple(weights)]
+    hidden = search.ensemble_generate(model, list("abc"), weights, ids, mask, level="hidden", max_new_tokens=12)
+    assert not torch.equal(hidden, expected)  # a different level: the test can tell them apart
+    # defaults: the hidden level (Eq. 2) and 64 new tokens
+    assert torch.equal(search.ensemble_generate(model, list("abc"), weights, ids, mask),
+                       search.ensemble_generate(model, list("abc"), weights, ids, mask, level="hidden", max_new_tokens=64))
+    with pytest.raises(InputError, match=r"^aggregation level 'token': expected one of hidden, logit, param$"):
+        search.ensemble_generate(model, list("abc"), weights, ids, mask, level="token")
+
+
+def test_ensemble_uses_the_models_start_eos_and_pad_ids(three_adapters):
+    """Decoding follows the model's config (a checkpoint may use other ids than T5's 0/1/0): a one-hot
+    ensemble equals the adapter's own t5.generate with a start id 5, an eos it actually emits and pad 2."""
+    model, tok = three_adapters, Tok()
+    ids, mask = tok.batch_encode(["i feel sad [SEP] ", "work is hard today [SEP] ", "nothing helps [SEP] "])
+    cfg = model.config
+    saved = (cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    try:
+        cfg.decoder_start_token_id = 5
+        lora.set_adapter(model, "b")
+        free = t5.generate(model, ids, mask, max_new_tokens=8)[0]
+        cfg.eos_token_id, cfg.pad_token_id = int(free[0, 2]), 2  # row 0 stops at its 3rd token
+        lora.set_adapter(model, "b")
+        expected = t5.generate(model, ids, mask, max_new_tokens=8)[0]
+        lora.set_adapter(model, None)
+        assert expected.shape[1] > 3 and (expected[0, 3:] == 2).all()  # padded with pad id 2 after eos
+        for level in search.LEVELS:
+            got = search.ensemble_generate(model, list("abc"), [0, 1, 0], ids, mask, level=level, max_new_tokens=8)
+            assert torch.equal(got, expected), level
+    finally:
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = saved
+        lora.set_adapter(model, None)
+
+
+def test_best_region_takes_the_sub_cube_with_the_highest_corner_sum():
+    """Alg. 1, line 15 on a hand case: only the upper-right sub-cube's corners score high."""
+    bounds = [(0.0, 1.0), (0.0, 1.0)]
+    results = {p: (1.0 if p[0] >= 0.5 and p[1] >= 0.5 else 0.0) for p in search.grid_points(bounds)}
+    assert search.best_region(bounds, results) == [(0.5, 1.0), (0.5, 1.0)]
+    results[(0.0, 0.0)] = 10.0  # the lower-left corner outweighs: its cube wins
+    assert search.best_region(bounds, results) == [(0.0, 0.5), (0.0, 0.5)]
+    # first maximum wins on ties (enumeration: axis 1 slowest, lower half first)
+    flat = {p: 0.0 for p in search.grid_points(bounds)}
+    assert search.best_region(bounds, flat) == [(0.0, 0.5), (0.0, 0.5)]
+
+
+def test_algorithm_1_defaults_inputs_and_records(monkeypatch):
+    """5 iterations by default (§4.2); d = 1 and one iteration are valid, 0 is not; a log record of the
+    wrong size is refused; each record holds its direction w/Σw, its iteration and its decode time
+    rounded to ms (Eq. 3 adds these times to the aggregated methods' consumption)."""
+    clock = iter(range(1000))
+    monkeypatch.setattr(search.time, "perf_counter", lambda: next(clock) * 1.23456)  # every call: +1.23456 s
+    result = search.hierarchical_grid_search(peak_objective, 3)
+    assert len(result["iterations"]) == 5 and len(result["evaluations"]) <= search.max_evaluations(3, 5)
+    # by ray (hidden, logit): I (3^d - 2^d); by exact point (param, w = 0 decoded): 3^d + (I - 1)(3^d - 2^d)
+    assert search.max_evaluations(3, 5) == 5 * 19 and search.max_evaluations(3, 5, ray_invariant=False) == 27 + 4 * 19
+    assert search.max_evaluations(3, 2) == 2 * 19 and search.max_evaluations(3, 2, False) == 27 + 19
+    assert search.max_evaluations(2, 3) == 3 * 5 and search.max_evaluations(2, 3, False) == 9 + 2 * 5
+    for record in result["evaluations"]:
+        assert record["direction"] == search.normalise(record["weights"])
+        assert record["seconds"] == 1.235
+    iterations = [r["iteration"] for r in result["evaluations"]]
+    assert iterations[0] == 1 and iterations == sorted(iterations) and iterations[-1] > 1
+    assert search.hierarchical_grid_search(lambda w: (w[0], [w[0]]), 1, iterations=1)["best_weights"] == [0.5]
+    for d, iterations in ((0, 5), (3, 0)):
+        with pytest.raises(InputError, match=rf"^grid search: need d >= 1 objectives and >= 1 iterations, "
+                                             rf"got d={d}, iterations={iterations}$"):
+            search.hierarchical_grid_search(peak_objective, d, iterations)
+    for record in ({"weights": [1, 0], "mean": 0.5}, {"weights": [1, -1, 0], "mean": 0.5}):
+        with pytest.raises(InputError, match=r"^search log record 0: expected 3 weights >= 0 and a numeric mean, got "):
+            search.hierarchical_grid_search(peak_objective, 3, log=[record])
+    with pytest.raises(InputError, match=r"^objective returned nan at weights \[0.0, 0.0, 0.5\]$"):
+        search.hierarchical_grid_search(lambda w: (math.nan, [math.nan]), 3)
+
+
+def test_run_search_prints_each_evaluation_and_the_summary(tmp_path, monkeypatch, capsys):
+    """What `search` prints: one line per evaluation ("eval n/total"), the Pareto report, then the best
+    weights, the mean, the count of distinct evaluations against the plain algorithm's I·3^d, the files."""
+    monkeypatch.chdir(tmp_path)
+    result = search.run_search(peak_objective, ["x", "y", "z"], "s.json", iterations=2, svg_path="s.svg")
+    lines = capsys.readouterr().out.splitlines()
+    n = len(result["evaluations"])
+    total = search.max_evaluations(3, 2)
+    assert [line.split(" | ")[0] for line in lines[:n]] == [f"eval {i}/{total}" for i in range(1, n + 1)]
+    best = ",".join(f"{w:.5g}" for w in result["best_weights"])
+    assert lines[-1] == (f"best weights ({best}) | mean {result['best_score']:.4f} | {n} distinct evaluations "
+                         f"(plain Algorithm 1: 54; memo per ray) | s.json | s.svg")
+    assert files.read_json("s.json")["best_score"] == result["best_score"]
+    assert lines[-2 - len(result["pareto"]["front"])].startswith("Pareto front: ")
+
+
+def test_weight_errors_name_the_weights():
+    with pytest.raises(InputError, match=r"^weights: expected 3 weights \(one per adapter\), got 1$"):
+        search.check_weights([1.0], 3)
+    with pytest.raises(InputError, match=r"^weights '0.8,0.5': expected 3 weights"):
+        search.parse_weights("0.8,0.5", 3)
+
+
+def test_weight_errors_say_what_is_wrong():
+    with pytest.raises(InputError, match=r"^w: weight -0.5 is negative; weights must be >= 0$"):
+        search.check_weights([1, -0.5], 2, what="w")
+    for bad in ("nan", "inf"):
+        with pytest.raises(InputError, match=rf"^weights: weight {bad} is not a finite number; weights must be >= 0$"):
+            search.check_weights([1, float(bad)], 2)
+
+
+def test_memo_keys_and_header_differences():
+    """memo_key's default is the ray (hidden / logit level); a search.json header compared field by field,
+    naming the first differing field (a dotted path inside meta)."""
+    assert search.memo_key([1, 1]) == search.memo_key([0.5, 0.5]) != search.memo_key([1, 1], False)
+    header = {"objectives": ["a"], "meta": {"level": "hidden", "data": "x"}}
+    assert search.header_difference(header, header) is None
+    assert search.header_difference({"objectives": ["a"], "meta": {"level": "param", "data": "x"}}, header) == \
+        'meta.level (the file has "param", this search "hidden")'
+    assert search.header_difference({"objectives": ["a"], "meta": None}, header) == \
+        'meta (the file has null, this search {"level": "hidden", "data": "x"})'
+    assert search.header_difference(header, {"objectives": ["a"], "meta": None}) == \
+        'meta (the file has {"level": "hidden", "data": "x"}, this search null)'
+
+
+def test_param_level_search_memoises_points_and_resumes_from_its_log(tmp_path, monkeypatch, capsys):
+    """Parameter level (objective.ray_invariant False): one evaluation per grid point, w = 0 included (the
+    base model, direction 0); run_search's totals and summary say so; a resumed search re-uses every logged
+    point and evaluates nothing again; `info` is stored in search.json (not compared); bad files are refused."""
+    monkeypatch.chdir(tmp_path)
+
+    def objective(weights):
+        value = 0.1 + 0.3 * weights[0] + 0.2 * weights[1] - 0.25 * weights[0] * weights[1]
+        return value, [value, value]
+    objective.ray_invariant = False
+    result = search.run_search(objective, ["x", "y"], "p.json", iterations=2, info={"adapters": ["a", "b"]})
+    lines = capsys.readouterr().out.splitlines()
+    total = search.max_evaluations(2, 2, ray_invariant=False)
+    assert len(result["evaluations"]) == total == 9 + 5
+    assert [line.split(" | ")[0] for line in lines[:total]] == [f"eval {i}/{total}" for i in range(1, total + 1)]
+    assert lines[-1].endswith("(plain Algorithm 1: 18; memo per point) | p.json")
+    zero = [r for r in result["evaluations"] if r["weights"] == [0.0, 0.0]]
+    assert len(zero) == 1 and zero[0]["direction"] == [0.0, 0.0]
+    stored = files.read_json("p.json")
+    assert stored["info"] == {"adapters": ["a", "b"]} and len(stored["evaluations"]) == total
+
+    def refuse(weights):
+        raise AssertionError(f"re-evaluated {weights}")
+    refuse.ray_invariant = False
+    again = search.run_search(refuse, ["x", "y"], "p.json", iterations=2)
+    assert again["best_weights"] == result["best_weights"] and "info" not in files.read_json("p.json")
+    assert search.hierarchical_grid_search(refuse, 2, 2, log=stored["evaluations"])["best_weights"] == result["best_weights"]
+    with pytest.raises(InputError, match=r"^search log record 0: expected 2 weights >= 0 and a numeric mean, got 5$"):
+        search.hierarchical_grid_search(objective, 2, log=[5])
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(InputError, match=r"^list.json: not a search result \(expected a JSON object\); delete it or choose another --out$"):
+        search.run_search(objective, ["x", "y"], "list.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"objectives": ["x", "y"], "num_iterations": 5, "meta": None,
+                                                   "evaluations": {}}))
+    with pytest.raises(InputError, match=r"^bad.json: 'evaluations' must be a list$"):
+        search.run_search(objective, ["x", "y"], "bad.json")
+
+
+def test_fingerprint_hashes_names_and_contents(tmp_path):
+    """search.json stores sha256 (16 hex digits) of each adapter folder's files (name, NUL, bytes, sorted by
+    name; hidden files and sub-folders left out) or of a data file, not their paths."""
+    import hashlib
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "b.json").write_bytes(b"{}")
+    (folder / "a.safetensors").write_bytes(b"weights")
+    (folder / ".tmp-1").write_bytes(b"leftover")
+    (folder / "sub").mkdir()
+    (tmp_path / "data.csv").write_bytes(b"x,y")
+    expected = hashlib.sha256(b"a.safetensors\0weights" + b"b.json\0{}" + b"data.csv\0x,y").hexdigest()[:16]
+    assert search.fingerprint(str(folder), str(tmp_path / "data.csv")) == expected
+
+
+def test_ensemble_generate_hands_the_loop_its_sampling_and_device(three_adapters, monkeypatch):
+    """ensemble_generate samples top-50 by default (the public code's parameter level), greedy without top-k,
+    and everything it makes is on the inputs' device (a model on meta: the loop is stubbed after one step)."""
+    import copy
+    model = copy.deepcopy(three_adapters).to("meta")
+    ids = torch.zeros(2, 4, dtype=torch.long, device="meta")
+    seen = []
+
+    def loop(next_logits, batch_size, **kwargs):
+        logits = next_logits(torch.zeros(batch_size, dtype=torch.long, device=kwargs["device"]))
+        seen.append((kwargs, logits.device.type))
+        return torch.zeros(batch_size, 1, dtype=torch.long), torch.zeros(batch_size, 1)
+    monkeypatch.setattr(search.t5, "decode_loop", loop)
+    rows = []   # mixed_adapters checks its row index by value, which a meta tensor has not: record it instead
+    monkeypatch.setattr(search.lora, "mixed_adapters",
+                        lambda model, names, row_adapter: rows.append(row_adapter.device.type) or contextlib.nullcontext())
+    for level in search.LEVELS:
+        search.ensemble_generate(model, ["a", "b"], [0.5, 0.5], ids, torch.ones_like(ids), level=level, do_sample=True)
+        kwargs, device = seen[-1]
+        assert (kwargs["do_sample"], kwargs["top_k"], kwargs["device"], device) == (True, 50, torch.device("meta"), "meta")
+    assert rows == ["meta", "meta"]     # hidden and logit levels
+    search.ensemble_generate(model, ["a", "b"], [0.5, 0.5], ids, torch.ones_like(ids))
+    assert seen[-1][0]["do_sample"] is False and seen[-1][0]["max_new_tokens"] == 64
+
+
+def test_logit_level_mixture_is_computed_in_at_least_fp32():
+    """Appendix 11.2: log Σ_i w_i softmax(z_i), in float32 for bfloat16 logits, in float64 for float64 ones,
+    on the logits' device."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    weights = [0.3, 0.7]
+    expected = torch.log(sum(w * torch.softmax(z, -1) for w, z in zip(weights, logits)))
+    got = search.mixture_log_probs(logits, weights)
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-15)
+    half = logits.to(torch.bfloat16)
+    expected = torch.log(sum(w * torch.softmax(z.float(), -1) for w, z in zip(weights, half)))
+    got = search.mixture_log_probs(half, weights)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=0, atol=1e-6)
+    assert search.mixture_log_probs(logits.to("meta"), weights).device.type == "meta"
+
+
+def test_make_objective_puts_the_prompts_on_its_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(search.data, "encode_prompts",
+                        lambda tokenizer, texts, device="unset": seen.append(device) or (None, None))
+    search.make_objective(nn.Identity(), None, ["a"], {}, ["p"] * 3, batch_size=2, device="cuda:1")
+    assert seen == ["cuda:1", "cuda:1"]
+
+
+def test_hidden_level_mixes_in_the_models_dtype(three_adapters):
+    """A bfloat16 policy (a common way to load T5): Σ w_i f_i stays bfloat16 for the bfloat16 LM head, and
+    a one-hot mixture still equals the adapter's own greedy decoding."""
+    import copy
+
+    model, tok = copy.deepcopy(three_adapters).to(torch.bfloat16), Tok()
+    ids, mask = tok.batch_encode(["i feel sad [SEP] ", "work is hard today [SEP] "])
+    lora.set_adapter(model, "c")
+    expected = t5.generate(model, ids, mask, max_new_tokens=6)[0]
+    lora.set_adapter(model, None)
+    for level in ("hidden", "logit"):
+        got = search.ensemble_generate(model, list("abc"), [0, 0, 2], ids, mask, level=level, max_new_tokens=6)
+        assert torch.equal(got, expected)

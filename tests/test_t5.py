@@ -1,5 +1,6 @@
 """t5.py against Hugging Face (test oracle only) on tiny random models: encoder output, decoder
 hidden states, logits, greedy generation, KV cache, tokenizer, strict loader errors."""
+import copy
 import json
 import os
 import random
@@ -555,3 +556,92 @@ def test_bucket_counts_that_fail_on_every_input_are_refused():
     for bad in (dict(relative_attention_num_buckets=3), dict(relative_attention_max_distance=0)):
         with pytest.raises(files.InputError, match="need >= 4 buckets"):
             t5.T5Config(**bad)
+
+
+# ----------------------------------------------------------------------------- generation details
+def test_decode_loop_defaults_and_greedy_logprobs():
+    """Defaults: ≤ 64 new tokens, start token 0, pad 0 after a row's eos (1), full distribution when
+    sampling (top_k 0). Greedy log-probs are those of the logits themselves, whatever the temperature."""
+    seen = []
+    logits = torch.tensor([[0.0, -9.0, 2.0, 1.0], [0.0, -9.0, 1.0, 2.0]])
+
+    def next_logits(last):
+        seen.append(last.tolist())
+        out = logits.clone()
+        if len(seen) == 3:
+            out[0, 1] = 9.0  # row 0 ends at its 3rd token
+        return out
+
+    tokens, logprobs = t5.decode_loop(next_logits, 2, temperature=2.0)
+    assert tokens.shape == (2, 64) and seen[0] == [0, 0]
+    assert tokens[0, :3].tolist() == [2, 2, 1] and (tokens[0, 3:] == 0).all() and (tokens[1] == 3).all()
+    assert torch.allclose(logprobs[1], torch.log_softmax(logits[1], -1)[3].expand(64))
+    flat = torch.linspace(0.0, 0.1, 6)[None].expand(1, 6)  # a nearly flat distribution: top_k 0 keeps all six
+    drawn, _ = t5.decode_loop(lambda last: flat, 1, max_new_tokens=60, eos_id=-1, do_sample=True,
+                              generator=torch.Generator().manual_seed(0))
+    assert len(set(drawn[0].tolist())) >= 4
+
+
+def test_generate_passes_its_sampling_options_and_ids_to_the_loop():
+    """t5.generate = decode_loop over the cached decoder with the config's start / eos / pad ids and the
+    caller's do_sample, temperature and top_k. Oracle: decode_loop over a full recompute (no cache)."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                      decoder_start_token_id=4, eos_token_id=7, pad_token_id=2)
+    model = t5.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 32, (3, 6))
+    mask = torch.ones_like(ids)
+
+    def oracle(**options):
+        prefix = []
+
+        def next_logits(last):
+            prefix.append(last)
+            with torch.no_grad():
+                return model(ids, mask, torch.stack(prefix, 1))[:, -1]
+        return t5.decode_loop(next_logits, 3, start_id=4, eos_id=7, pad_id=2, **options)
+
+    for options in (dict(), dict(max_new_tokens=12, do_sample=True, temperature=0.5, top_k=3),
+                    dict(max_new_tokens=12, do_sample=True), dict(max_new_tokens=12, do_sample=True, top_k=1)):
+        sampling = {"generator": torch.Generator().manual_seed(1)} if options.get("do_sample") else {}
+        got = t5.generate(model, ids, mask, **options, **sampling)
+        sampling = {"generator": torch.Generator().manual_seed(1)} if options.get("do_sample") else {}
+        expected = oracle(**options, **sampling)
+        assert torch.equal(got[0], expected[0]), options
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_makes_its_tensors_on_the_models_device_and_dtype(monkeypatch):
+    """Device-agnostic code (README: every command takes --device): with the default device set to meta,
+    generation on CPU tensors gives the same tokens, so every tensor it makes is put on the inputs' device
+    explicitly (a forgotten device= would land on meta and fail). A bfloat16 model decodes in bfloat16
+    (the position bias in the model's dtype). More than 64 new tokens: the KV cache grows once."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                      eos_token_id=40)   # no eos: every row runs the whole length
+    model = t5.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 32, (2, 5))
+    mask = torch.ones_like(ids)
+    for options in (dict(), dict(do_sample=True, top_k=5)):
+        sampling = lambda: {"generator": torch.Generator().manual_seed(1)} if options else {}  # noqa: E731
+        expected = t5.generate(model, ids, mask, max_new_tokens=70, **options, **sampling())
+        with torch.device("meta"):
+            got = t5.generate(model, ids, mask, max_new_tokens=70, **options, **sampling())
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[0].shape == (2, 70)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    hidden, _ = half.decode(torch.zeros(2, 3, dtype=torch.long), half.encode(ids, mask), mask)
+    assert hidden.dtype == torch.bfloat16
+    assert t5.generate(half, ids, mask, max_new_tokens=4)[0].shape == (2, 4)
+    seen = {}   # the loop is told the inputs' device (its own default is the CPU): a model on meta
+    monkeypatch.setattr(t5, "decode_loop", lambda next_logits, batch_size, **kwargs: seen.update(kwargs))
+    t5.generate(copy.deepcopy(model).to("meta"), ids.to("meta"), mask.to("meta"))
+    assert seen["device"] == torch.device("meta")
+
+
+def test_position_bias_with_an_offset_is_those_rows_of_the_full_square():
+    """T5Attention.position_bias(query_len, key_len, offset): queries at positions offset .. offset+query_len-1."""
+    torch.manual_seed(0)
+    cfg = t5.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0)
+    attention = t5.T5ForConditionalGeneration(cfg).decoder.block[0].layer[0].SelfAttention
+    full = attention.position_bias(7, 7)
+    assert torch.equal(attention.position_bias(2, 7, offset=4), full[:, :, 4:6])
