@@ -165,6 +165,29 @@ def add_model_flags(parser, scorers=True, device_type=device):
     parser.add_argument("--seed", type=seed, default=0, help="random seed (same seed, same result)")
 
 
+def add_training_flags(parser):
+    """The SCST flags of train, reproduce and compare (scst.py reads them from the parsed args)."""
+    parser.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
+    parser.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
+    parser.add_argument("--samples-per-prompt", type=integer(2), default=3,
+                        help="k samples per prompt (SCST and validation; their mean is the baseline, so k >= 2)")
+    parser.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
+    parser.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
+    parser.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
+    parser.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="gradient norm clipping")
+    parser.add_argument("--val-every", type=positive, default=8,
+                        help="validate every N steps from step N (a step-0 validation is logged, not counted)")
+    parser.add_argument("--val-prompts", type=positive, default=None,
+                        help="validate on the first N aggregation prompts (default: all of them, as the authors)")
+    parser.add_argument("--cv-window", type=integer(2), default=20, help="convergence: last N validation rewards")
+    parser.add_argument("--cv-tolerance", type=number(0.0), default=0.015, help="convergence: coefficient of variation below this")
+    parser.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
+                        help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
+    parser.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
+    parser.add_argument("--top-k", type=integer(0), default=50,
+                        help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
+
+
 def add_data_flags(parser):
     parser.add_argument("--data", default=DEFAULT_DATA, help="PAIR .csv or Psych8k .json file")
     parser.add_argument("--sample", type=fraction, default=1.0, help="use this fraction of the data, in (0, 1] (e.g. 0.1)")
@@ -492,27 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(train)
     train.add_argument("--runs", default="runs", help="output folder, relative to the current directory (not to "
                        "emorl.py, unlike the model defaults); each run goes to RUNS/<objective>-<seed>/")
-    train.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
-    train.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
-    train.add_argument("--samples-per-prompt", type=integer(2), default=3,
-                       help="k samples per prompt (SCST and validation; their mean is the baseline, so k >= 2)")
-    train.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
-    train.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
-    train.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
-    train.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="gradient norm clipping")
-    train.add_argument("--val-every", type=positive, default=8,
-                       help="validate every N steps from step N (a step-0 validation is logged, not counted)")
-    train.add_argument("--val-prompts", type=positive, default=None,
-                       help="validate on the first N aggregation prompts (default: all of them, as the authors)")
-    train.add_argument("--cv-window", type=integer(2), default=20, help="convergence: last N validation rewards")
-    train.add_argument("--cv-tolerance", type=number(0.0), default=0.015, help="convergence: coefficient of variation below this")
-    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
-                       help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
-    train.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
+    add_training_flags(train)
     train.add_argument("--jobs", type=positive, default=1,
                        help="train all: N processes at once (--device a,b,...: one device per process)")
-    train.add_argument("--top-k", type=integer(0), default=50,
-                       help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):

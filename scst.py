@@ -290,7 +290,8 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, 
 
 # ----------------------------------------------------------------------------- the training loop
 RESULT_SETTINGS = ("objective", "objectives", "seed", "batch_size", "samples_per_prompt", "max_new_tokens", "lr",
-                   "beta", "grad_clip", "val_every", "cv_window", "cv_tolerance", "combine", "gamma", "top_k")
+                   "beta", "grad_clip", "val_every", "cv_window", "cv_tolerance", "combine", "gamma", "top_k",
+                   "preference")
 
 
 def run_settings(args, model, train_examples, validation_prompts) -> dict:
@@ -340,7 +341,8 @@ class TrainingRun:
     def reward_weights(self) -> dict[str, float]:
         """This step's reward weights (DynaOpt: its inner bandit moves at every call, once per step)."""
         d = len(self.objectives)
-        weights = self.dynaopt.step_weights() if self.dynaopt else [1.0 / d] * d
+        preference = getattr(self.args, "preference", None)  # compare.py's single-policy run at λ
+        weights = self.dynaopt.step_weights() if self.dynaopt else list(preference) if preference else [1.0 / d] * d
         return dict(zip(self.objectives, weights))
 
     def record_validation(self, scores: dict[str, float]) -> dict:
