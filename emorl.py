@@ -8,6 +8,8 @@ aggregation weights, generate and evaluate.
     python emorl.py convert SRC DST          # a .pt/.bin scorer checkpoint -> safetensors, or
                                              # the authors' LoRA .npz -> a PEFT-layout adapter folder
     python emorl.py build-default            # rebuild the embedded small models under data/default/
+    python emorl.py reproduce --seeds 0,1,2  # Tables 1-3, Figures 3 and 5, the paper's claims (compare.py)
+    python emorl.py compare                  # every method over a preference grid (compare.py)
 
 Every command defaults to the embedded assets under data/ and takes flags pointing at real ones.
 A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2. Flag
@@ -478,6 +480,44 @@ def cmd_evaluate(args):
     print(markdown + f"({len(prompts)} inference prompts; {args.out}.md, {args.out}.csv)")
 
 
+def reproduce_or_compare(args):
+    """The flags reproduce and compare share, checked before any work: the objectives (args.names, d >= 2),
+    the seeds (--seeds, or --seed alone), a writable --out."""
+    import torch
+    from files import InputError
+    known = known_scorers(args)
+    args.names = parse_objectives(args.objectives, known)
+    if len(args.names) < 2:
+        raise InputError(f"{args.command} --objectives {args.objectives}: give at least 2 objectives")
+    try:
+        args.seeds = [seed(s.strip()) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    except argparse.ArgumentTypeError as e:
+        raise InputError(f"--seeds {args.seeds}: {e}") from None
+    if len(set(args.seeds)) != len(args.seeds):
+        raise InputError(f"--seeds {args.seeds}: a seed is listed twice")
+    prepare_output(args.out, f"--out {args.out}", ["reproduce.md", "reproduce.json", "figure3.svg", "compare.md",
+                                                   "compare.json", "fronts.svg", "table2-authors.csv", "table2-greedy.csv"])
+    torch.manual_seed(args.seeds[0])
+    return known
+
+
+def cmd_reproduce(args):
+    import compare
+    compare.reproduce(args, reproduce_or_compare(args))
+
+
+def cmd_compare(args):
+    import compare
+    from files import InputError
+    known = reproduce_or_compare(args)
+    d = len(args.names)
+    args.preferences = compare.read_preferences(args.preferences, d) if args.preferences else compare.preference_grid(d)
+    args.methods = [m.strip() for m in args.methods.split(",")]
+    if unknown := [m for m in args.methods if m not in compare.METHODS]:
+        raise InputError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(compare.METHODS)})")
+    compare.compare(args, known)
+
+
 def cmd_convert(args):
     import rewards
     if args.src.endswith(".npz"):  # the authors' save_lora format -> a PEFT-layout adapter
@@ -558,6 +598,36 @@ def build_parser() -> argparse.ArgumentParser:
                               help="sampled generation runs per trained model (seeds SEED, SEED+1, ...)")
     evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
+
+    def add_orchestration_flags(sub, out):
+        add_model_flags(sub)
+        add_data_flags(sub)
+        add_training_flags(sub)
+        sub.add_argument("--seeds", metavar="S,S,...", help="training seeds (default: --seed alone)")
+        sub.add_argument("--out", default=out, help="output folder (resumable), relative to the current directory")
+        sub.add_argument("--decode-batch-size", type=positive, default=16, help="prompts decoded at once")
+
+    reproduce = commands.add_parser("reproduce", help="the paper's Tables 1-3, Figures 3 and 5 and claims, per seed "
+                                                      "(compare.py)")
+    add_orchestration_flags(reproduce, "reproduce")
+    reproduce.add_argument("--iterations", type=positive, default=5, help="refinement iterations of Algorithm 1")
+    reproduce.add_argument("--generation-runs", type=positive, default=3, help="sampled runs per single-policy method "
+                           "(the authors' protocol)")
+    reproduce.set_defaults(func=cmd_reproduce)
+
+    compare_cmd = commands.add_parser("compare", help="every method over a preference grid: fronts, hypervolume, "
+                                                      "costs (compare.py)")
+    add_orchestration_flags(compare_cmd, "compare")
+    compare_cmd.add_argument("--preferences", metavar="FILE", help="one preference per line, d comma-separated weights "
+                             "summing to 1 (default: HoE's grid: 11 points for d = 2, 13 for 3, step 1/4 beyond)")
+    compare_cmd.add_argument("--methods", default="hidden-search,logit-search,hidden,logit,soups,single",
+                             help="comma-separated methods of compare.METHODS")
+    compare_cmd.add_argument("--iterations", type=positive, default=3, help="Algorithm 1's iterations per preference")
+    compare_cmd.add_argument("--decoding", choices=["greedy", "sample"], default="greedy",
+                             help="one protocol for every method: greedy (HoE's), or top-50 sampling (seeded)")
+    compare_cmd.add_argument("--single-policy-budget", type=integer(0), default=1,
+                             help="single-policy runs per seed, at the preferences nearest the centre")
+    compare_cmd.set_defaults(func=cmd_compare)
 
     convert = commands.add_parser("convert", help="turn a .pt/.bin scorer checkpoint into safetensors, or the authors' "
                                                   "LoRA .npz into a PEFT-layout adapter")
