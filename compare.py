@@ -28,14 +28,8 @@ points), mean ± std over seeds, and the measured cost of one more preference an
 Both commands write the objective relationships (MORL-P §2.2): Spearman's ρ of the per-sample scores of
 every pair of objectives on the base model's and each objective adapter's greedy generations.
 
-Layout of OUT (files written atomically; a stage whose file exists is skipped, scst runs resume):
-  seed-<s>/runs/<method>-<s>/        the scst runs: the objectives (+ uniform, dynaopt for reproduce)
-  seed-<s>/search.json, search.svg   Algorithm 1 at the plain mean and Figure 5 (reproduce)
-  seed-<s>/evaluate-<protocol>.json  evaluate.evaluate's rows (protocol authors or greedy)
-  seed-<s>/correlations.json         the objective relationships
-  seed-<s>/compare/                  base.json, <method>.json (a row per λ), cache-<level>.json (every decoded
-                                     weight vector's scores, shared by the λ searches), runs/pref<i>-<s>/
-  reproduce.md, reproduce.json, table2-<protocol>.csv, figure3.svg; compare.md, compare.json, fronts.svg
+Outputs (the folder layout, every table) are described in docs/reproduce.md and docs/compare.md; every
+file is written atomically, a stage whose file exists is skipped, and the scst runs resume.
 
 Deviations from the papers / public code:
 - EMORL's data points in Table 1 count the search as evaluations × aggregation prompts beside the
@@ -101,29 +95,6 @@ def mean_std(values, integer=False) -> str:
     return evaluate.mean_std(list(values), integer)
 
 
-def ranks(values) -> list[float]:
-    """Ranks 1..n, ties given their average rank (Spearman's convention)."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out, i = [0.0] * len(values), 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(x, y) -> float | None:
-    """Spearman's ρ: the Pearson correlation of the ranks; None when one side is constant."""
-    rx, ry = ranks(list(x)), ranks(list(y))
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
-
-
 def simplex(d, steps) -> list[tuple]:
     """Every λ with entries in {0, 1/steps, ..., 1} summing to 1, lexicographic."""
     return [tuple(k / steps for k in c) for c in itertools.product(range(steps + 1), repeat=d) if sum(c) == steps]
@@ -180,6 +151,26 @@ def single_policy_indices(preferences, budget) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- shared stages
+def setup(args):
+    """Before any work: args.names (the objectives, d >= 2), args.seeds (--seeds, or --seed alone), a writable
+    --out. Returns the known scorers."""
+    import emorl
+    known = emorl.known_scorers(args)
+    args.names = emorl.parse_objectives(args.objectives, known)
+    if len(args.names) < 2:
+        raise InputError(f"{args.command} --objectives {args.objectives}: give at least 2 objectives")
+    try:
+        args.seeds = [emorl.seed(s.strip()) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    except Exception as e:  # argparse.ArgumentTypeError
+        raise InputError(f"--seeds {args.seeds}: {e}") from None
+    if len(set(args.seeds)) != len(args.seeds):
+        raise InputError(f"--seeds {args.seeds}: a seed is listed twice")
+    emorl.prepare_output(args.out, f"--out {args.out}", ["reproduce.md", "reproduce.json", "figure3.svg", "compare.md",
+                                                         "compare.json", "fronts.svg", *(f"table2-{p}.csv" for p in PROTOCOLS)])
+    torch.manual_seed(args.seeds[0])
+    return known
+
+
 def seed_args(args, seed):
     """The namespace emorl's train / search read, for one seed's folder."""
     a = copy.copy(args)
@@ -211,7 +202,7 @@ def correlation_stage(args, seed, model, tokenizer, scorers, prompts) -> dict:
             texts = evaluate.generate_texts(model, tokenizer, prompts, args.decode_batch_size, args.device,
                                             adapter=None if source == "base" else source, max_new_tokens=args.max_new_tokens)
             scores = {n: s.float().tolist() for n, s in rewards.score_all(scorers, prompts, texts).items()}
-            out[source] = {f"{a}/{b}": spearman(scores[a], scores[b]) for a, b in itertools.combinations(args.names, 2)}
+            out[source] = {f"{a}/{b}": report.spearman(scores[a], scores[b]) for a, b in itertools.combinations(args.names, 2)}
         return {"prompts": len(prompts), "decoding": "greedy", "spearman": out}
     return stage(os.path.join(args.out, f"seed-{seed}", "correlations.json"), compute)
 
@@ -240,9 +231,10 @@ def load_world(args, known, seed):
 
 
 # ----------------------------------------------------------------------------- reproduce
-def reproduce(args, known):
+def reproduce(args):
     """`python emorl.py reproduce`: every stage for every seed, then the report (module docstring)."""
     import emorl
+    known = setup(args)
     names, methods = args.names, [*args.names, "uniform", "dynaopt"]
     check_settings(os.path.join(args.out, "reproduce-settings.json"), reproduce_settings(args))
     train_stage(args, known, methods)
@@ -263,8 +255,8 @@ def reproduce(args, known):
         for protocol, greedy in PROTOCOLS.items():
             stage(os.path.join(args.out, f"seed-{seed}", f"evaluate-{protocol}.json"), lambda: evaluate.evaluate(
                 lambda: emorl.load_policy(a), scorers, prompts, a.runs, search_result, batch_size=args.decode_batch_size,
-                device=args.device, objectives=names, greedy=greedy, generation_runs=args.generation_runs, seed=seed,
-                max_new_tokens=args.max_new_tokens))
+                device=args.device, objectives=names, greedy=greedy, generation_runs=args.generation_runs,
+                seed=seed * args.generation_runs, max_new_tokens=args.max_new_tokens))  # disjoint generator seeds
         correlation_stage(args, seed, model, tokenizer, scorers, prompts)
     write_reproduce_report(args, methods)
 
@@ -303,7 +295,8 @@ def table2(args, protocol) -> dict[str, list[dict]]:
     merged = {}
     for seed in args.seeds:
         for method, rows in files.read_json(os.path.join(args.out, f"seed-{seed}", f"evaluate-{protocol}.json")).items():
-            merged.setdefault(LABELS.get(method, f"{method} adapter"), []).extend(rows)
+            if method != "base" or seed == args.seeds[0] or not PROTOCOLS[protocol]:  # greedy base: one run, not seeds
+                merged.setdefault(LABELS.get(method, f"{method} adapter"), []).extend(rows)
     return merged
 
 
@@ -325,62 +318,52 @@ def average(rows, column="average") -> float:
     return statistics.fmean(r[column] for r in rows)
 
 
+def verdict(holds) -> str:
+    return "reproduced" if holds else "not reproduced"
+
+
 def claims(t2: dict[str, dict], cost: dict, names, share=0.15) -> list[tuple[str, str, str, str]]:
     """(claim, the paper's number, measured here, verdict) for each of the paper's claims this run can test;
     t2 = {protocol: {label: rows}}. The verdict is computed: reproduced, not reproduced, or not measured."""
     out = []
     for protocol, rows in t2.items():
-        avg = {label: average(r) for label, r in rows.items()}
-        h, p, u, dy, b = (avg.get(LABELS[k]) for k in ("hidden", "param", "uniform", "dynaopt", "base"))
-        where = f"({protocol} protocol)"
-        out.append((f"Table 2 {where}: EMORL hidden outperforms Model Soups on the average", "0.7907 vs 0.6982",
-                    f"{h:.4f} vs {p:.4f}", "reproduced" if h > p else "not reproduced"))
-        out.append((f"Table 2 {where}: EMORL is comparable to Uniform and DynaOpt (within 0.05 of each)",
-                    "0.7907 vs 0.8397 / 0.8254", f"{h:.4f} vs {u:.4f} / {dy:.4f}",
-                    "reproduced" if h >= max(u, dy) - 0.05 else "not reproduced"))
-        out.append((f"Table 2 {where}: every multi-objective method improves on the base model", "base 0.33, others >= 0.70",
-                    f"base {b:.4f}, others {min(h, p, u, dy):.4f} to {max(h, p, u, dy):.4f}",
-                    "reproduced" if min(h, p, u, dy) > b else "not reproduced"))
+        h, p, u, dy, b = (average(rows[LABELS[k]]) for k in ("hidden", "param", "uniform", "dynaopt", "base"))
         div = {k: average(rows[LABELS[k]], "diversity-2") for k in ("hidden", "param", "uniform", "dynaopt")}
-        out.append((f"Table 1 {where}: EMORL has the highest diversity-2 of the fine-tuned models", "> 0.65 vs 0.35-0.43",
-                    ", ".join(f"{LABELS[k]} {v:.3f}" for k, v in div.items()),
-                    "reproduced" if div["hidden"] > max(v for k, v in div.items() if k != "hidden") else "not reproduced"))
-
-    def data(method):
-        runs = cost[method]
-        return None if not all(r["converged"] for r in runs) else [r["data points"] for r in runs]
-    unconverged = [LABELS.get(m, m) for m in cost if m != "EMORL (Eq. 3)" and data(m) is None]
-    single = [data(n) for n in names]
-    if unconverged:
-        verdict, measured = "not measured", f"runs of {', '.join(unconverged)} stopped at --max-steps, not by the CV rule"
-    else:
-        worst = max(statistics.fmean(v) for v in single)
-        verdict = "reproduced" if worst < min(statistics.fmean(data("uniform")), statistics.fmean(data("dynaopt"))) else "not reproduced"
-        measured = f"slowest objective {worst:,.0f} vs Uniform {statistics.fmean(data('uniform')):,.0f} / DynaOpt {statistics.fmean(data('dynaopt')):,.0f}"
-    out.append(("Table 3 / Figure 3: every single-objective run converges with less data than Uniform and DynaOpt",
-                "4,809-13,209 vs 23,398 / 31,328", measured, verdict))
-    emorl_data = data("EMORL (Eq. 3)")
-    if unconverged:
-        out.append(("Table 1: EMORL (Eq. 3) needs less data than Uniform and DynaOpt", "17,529 vs 23,398 / 31,328",
-                    measured, "not measured"))
-        out.append(("Table 1: EMORL's consumption is more stable over seeds than Uniform's and DynaOpt's",
-                    "± 1,650 vs ± 7,390 / ± 16,736", measured, "not measured"))
-    else:
-        mean = {m: statistics.fmean(data(m)) for m in ("uniform", "dynaopt")}
-        std = {m: statistics.pstdev(data(m)) for m in ("uniform", "dynaopt")}
-        out.append(("Table 1: EMORL (Eq. 3) needs less data than Uniform and DynaOpt", "17,529 vs 23,398 / 31,328",
-                    f"{statistics.fmean(emorl_data):,.0f} vs {mean['uniform']:,.0f} / {mean['dynaopt']:,.0f}",
-                    "reproduced" if statistics.fmean(emorl_data) < min(mean.values()) else "not reproduced"))
-        out.append(("Table 1: EMORL's consumption is more stable over seeds than Uniform's and DynaOpt's",
-                    "± 1,650 vs ± 7,390 / ± 16,736",
-                    f"± {statistics.pstdev(emorl_data):,.0f} vs ± {std['uniform']:,.0f} / ± {std['dynaopt']:,.0f}",
-                    "not measured" if len(emorl_data) < 2 else
-                    "reproduced" if statistics.pstdev(emorl_data) < min(std.values()) else "not reproduced"))
-    mixed = [sum(w >= share * sum(r["weights"]) for w in r["weights"]) >= 2 for r in cost["EMORL (Eq. 3)"]]
+        out += [(f"Table 2 ({protocol} protocol): EMORL hidden outperforms Model Soups on the average",
+                 "0.7907 vs 0.6982", f"{h:.4f} vs {p:.4f}", verdict(h > p)),
+                (f"Table 2 ({protocol} protocol): EMORL is comparable to Uniform and DynaOpt (within 0.05 of each)",
+                 "0.7907 vs 0.8397 / 0.8254", f"{h:.4f} vs {u:.4f} / {dy:.4f}", verdict(h >= max(u, dy) - 0.05)),
+                (f"Table 2 ({protocol} protocol): every multi-objective method improves on the base model",
+                 "base 0.33, others >= 0.70", f"base {b:.4f}, others {min(h, p, u, dy):.4f} to {max(h, p, u, dy):.4f}",
+                 verdict(min(h, p, u, dy) > b)),
+                (f"Table 1 ({protocol} protocol): EMORL has the highest diversity-2 of the fine-tuned models",
+                 "> 0.65 vs 0.35-0.43", ", ".join(f"{LABELS[k]} {v:.3f}" for k, v in div.items()),
+                 verdict(div["hidden"] > max(v for k, v in div.items() if k != "hidden")))]
+    data = {m: [r["data points"] for r in runs] for m, runs in cost.items()}
+    mean = {m: statistics.fmean(v) for m, v in data.items()}
+    std = {m: statistics.pstdev(v) for m, v in data.items()}
+    unconverged = [LABELS.get(m, m) for m, runs in cost.items() if not all(r["converged"] for r in runs)]
+    why = f"runs of {', '.join(unconverged)} stopped at --max-steps, not by the CV rule"
+    worst = max(names, key=mean.get)
+    measured = [(f"slowest objective ({worst}) {mean[worst]:,.0f} vs Uniform {mean['uniform']:,.0f} / DynaOpt "
+                 f"{mean['dynaopt']:,.0f}", mean[worst] < min(mean["uniform"], mean["dynaopt"])),
+                (f"{mean['EMORL (Eq. 3)']:,.0f} vs {mean['uniform']:,.0f} / {mean['dynaopt']:,.0f}",
+                 mean["EMORL (Eq. 3)"] < min(mean["uniform"], mean["dynaopt"])),
+                (f"± {std['EMORL (Eq. 3)']:,.0f} vs ± {std['uniform']:,.0f} / ± {std['dynaopt']:,.0f}",
+                 None if len(data["uniform"]) < 2 else std["EMORL (Eq. 3)"] < min(std["uniform"], std["dynaopt"]))]
+    for (claim, paper), (text, holds) in zip(
+            [("Table 3 / Figure 3: every single-objective run converges with less data than Uniform and DynaOpt",
+              "4,809-13,209 vs 23,398 / 31,328"), ("Table 1: EMORL (Eq. 3) needs less data than Uniform and DynaOpt",
+                                                   "17,529 vs 23,398 / 31,328"),
+             ("Table 1: EMORL's data consumption is more stable over seeds than Uniform's and DynaOpt's",
+              "± 1,650 vs ± 7,390 / ± 16,736")], measured):
+        out.append((claim, paper, why if unconverged else text + ("" if holds is not None else " (one seed)"),
+                    "not measured" if unconverged or holds is None else verdict(holds)))
+    weights = [r["weights"] for r in cost["EMORL (Eq. 3)"]]
+    mixed = [sum(w >= share * sum(ws) for w in ws) >= 2 for ws in weights]
     out.append((f"Figure 5 / §6 explainability: the searched weights mix the adapters (>= 2 with >= {share:.0%} of Σw)",
                 "(0.8, 0.5, 0.05)", f"{sum(mixed)}/{len(mixed)} seeds: " +
-                "; ".join("(" + ", ".join(f"{w:.3g}" for w in r["weights"]) + ")" for r in cost["EMORL (Eq. 3)"]),
-                "reproduced" if all(mixed) else "not reproduced"))
+                "; ".join("(" + ", ".join(f"{w:.3g}" for w in ws) + ")" for ws in weights), verdict(all(mixed))))
     return out
 
 
@@ -552,9 +535,14 @@ METHODS = {
 
 
 # ----------------------------------------------------------------------------- compare: the command
-def compare(args, known):
+def compare(args):
     """`python emorl.py compare`: the objective adapters, then every method × λ × seed, then the report."""
-    args.known = known
+    args.known = known = setup(args)
+    d = len(args.names)
+    args.preferences = read_preferences(args.preferences, d) if args.preferences else preference_grid(d)
+    args.methods = [m.strip() for m in args.methods.split(",")]
+    if unknown := [m for m in args.methods if m not in METHODS]:
+        raise InputError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
     check_settings(os.path.join(args.out, "compare-settings.json"), {
         "command": "compare", **{k: getattr(args, k) for k in ("names", "preferences", "methods", "iterations", "decoding",
                                                                "single_policy_budget", "max_steps", "sample", "split_seed")},

@@ -480,43 +480,14 @@ def cmd_evaluate(args):
     print(markdown + f"({len(prompts)} inference prompts; {args.out}.md, {args.out}.csv)")
 
 
-def reproduce_or_compare(args):
-    """The flags reproduce and compare share, checked before any work: the objectives (args.names, d >= 2),
-    the seeds (--seeds, or --seed alone), a writable --out."""
-    import torch
-    from files import InputError
-    known = known_scorers(args)
-    args.names = parse_objectives(args.objectives, known)
-    if len(args.names) < 2:
-        raise InputError(f"{args.command} --objectives {args.objectives}: give at least 2 objectives")
-    try:
-        args.seeds = [seed(s.strip()) for s in args.seeds.split(",")] if args.seeds else [args.seed]
-    except argparse.ArgumentTypeError as e:
-        raise InputError(f"--seeds {args.seeds}: {e}") from None
-    if len(set(args.seeds)) != len(args.seeds):
-        raise InputError(f"--seeds {args.seeds}: a seed is listed twice")
-    prepare_output(args.out, f"--out {args.out}", ["reproduce.md", "reproduce.json", "figure3.svg", "compare.md",
-                                                   "compare.json", "fronts.svg", "table2-authors.csv", "table2-greedy.csv"])
-    torch.manual_seed(args.seeds[0])
-    return known
-
-
 def cmd_reproduce(args):
     import compare
-    compare.reproduce(args, reproduce_or_compare(args))
+    compare.reproduce(args)
 
 
 def cmd_compare(args):
     import compare
-    from files import InputError
-    known = reproduce_or_compare(args)
-    d = len(args.names)
-    args.preferences = compare.read_preferences(args.preferences, d) if args.preferences else compare.preference_grid(d)
-    args.methods = [m.strip() for m in args.methods.split(",")]
-    if unknown := [m for m in args.methods if m not in compare.METHODS]:
-        raise InputError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(compare.METHODS)})")
-    compare.compare(args, known)
-
+    compare.compare(args)
 
 def cmd_convert(args):
     import rewards

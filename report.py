@@ -3,6 +3,8 @@
 - `pareto_front`, `hypervolume`: the non-dominated per-objective score vectors of every evaluated
   weight vector (maximisation) and the exact volume they dominate above a reference point.
 - `pareto_report`, `format_report`, `format_evaluation`: what `search.py` stores in search.json and prints.
+- `spearman`, `curves_svg`, `fronts_svg`: compare.py's objective relationships (MORL-P §2.2), Figure 3
+  (validation reward vs data points, seeds shaded) and the methods' points in every pair of objectives.
 - `search_svg`: Figure 5 without a plotting library, for any d >= 2 — one panel per iteration of
   Algorithm 1, w1 on the x axis, w2 on the y axis, one slice per value of (w3..wd) (d = 2: one slice;
   d = 3: a row of three, one per w3 value; d = 4: a 3x3 block, columns w3, rows w4; d = 5: 9 rows of
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from xml.sax.saxutils import escape
 
 import files
@@ -227,6 +230,30 @@ def _colourbar(left, top, low, high, best, height=150, steps=20) -> str:
         parts.append(f'<line x1="{left - 3}" x2="{left + 17}" y1="{yb:.1f}" y2="{yb:.1f}" stroke="red" stroke-width="2"/>')
     parts.append("</g>")
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- objective relationships (compare.py)
+def ranks(values) -> list[float]:
+    """Ranks 1..n, ties given their average rank (Spearman's convention)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out, i = [0.0] * len(values), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's ρ: the Pearson correlation of the ranks; None when one side is constant."""
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
 # ----------------------------------------------------------------------------- Figure 3 and the fronts (compare.py)

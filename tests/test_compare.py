@@ -132,12 +132,12 @@ def test_hypervolume_hand_cases_with_dominated_and_duplicate_points():
 
 
 def test_spearman_by_hand():
-    assert compare.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(1 - 6 * 2 / (4 * 15))   # 0.8
-    assert compare.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert compare.ranks([0.5, 0.1, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]                       # ties: average rank
+    assert report.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(1 - 6 * 2 / (4 * 15))   # 0.8
+    assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert report.ranks([0.5, 0.1, 0.5, 0.9]) == [2.5, 1.0, 2.5, 4.0]                       # ties: average rank
     # with ties: the Pearson correlation of ranks (1.5, 1.5, 3) and (1, 2, 3)
-    assert compare.spearman([0.1, 0.1, 0.7], [0.2, 0.3, 0.9]) == pytest.approx(1.5 / math.sqrt(1.5 * 2))
-    assert compare.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert report.spearman([0.1, 0.1, 0.7], [0.2, 0.3, 0.9]) == pytest.approx(1.5 / math.sqrt(1.5 * 2))
+    assert report.spearman([1, 1, 1], [1, 2, 3]) is None
 
 
 def test_preference_grids():
