@@ -31,6 +31,8 @@ Deviations from the paper / public code:
   the inner bandit's normalised weights from the first step (the public code keeps weight 1.0 per
   objective until its outer bandit first draws an objective arm).
 - Batches are a seeded reshuffle of the training split per epoch (the public code: a RandomSampler).
+- compare.py's single-policy runs at a preference λ: uniform with args.preference as its fixed reward
+  weights (Σ λ_i log clip(s_i)); its validation reward stays the plain mean of the trained objectives.
 """
 from __future__ import annotations
 
