@@ -8,6 +8,8 @@ aggregation weights, generate and evaluate.
     python emorl.py convert SRC DST          # a .pt/.bin scorer checkpoint -> safetensors, or
                                              # the authors' LoRA .npz -> a PEFT-layout adapter folder
     python emorl.py build-default            # rebuild the embedded small models under data/default/
+    python emorl.py reproduce --seeds 0,1,2  # Tables 1-3, Figures 3 and 5, the paper's claims (compare.py)
+    python emorl.py compare                  # every method over a preference grid (compare.py)
 
 Every command defaults to the embedded assets under data/ and takes flags pointing at real ones.
 A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2. Flag
@@ -178,6 +180,29 @@ def add_model_flags(parser, scorers=True, device_type=device):
 def add_force_flag(parser):
     parser.add_argument("--force", action="store_true", help="use an adapter given as another objective than the "
                         "one it records (a warning line instead of an error)")
+
+
+def add_training_flags(parser):
+    """The SCST flags of train, reproduce and compare (scst.py reads them from the parsed args)."""
+    parser.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
+    parser.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
+    parser.add_argument("--samples-per-prompt", type=integer(2), default=3,
+                        help="k samples per prompt (SCST and validation; their mean is the baseline, so k >= 2)")
+    parser.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
+    parser.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
+    parser.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
+    parser.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="gradient norm clipping")
+    parser.add_argument("--val-every", type=positive, default=8,
+                        help="validate every N steps from step N (a step-0 validation is logged, not counted)")
+    parser.add_argument("--val-prompts", type=positive, default=None,
+                        help="validate on the first N aggregation prompts (default: all of them, as the authors)")
+    parser.add_argument("--cv-window", type=integer(2), default=20, help="convergence: last N validation rewards")
+    parser.add_argument("--cv-tolerance", type=number(0.0), default=0.015, help="convergence: coefficient of variation below this")
+    parser.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
+                        help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
+    parser.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
+    parser.add_argument("--top-k", type=integer(0), default=50,
+                        help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
 
 
 def add_data_flags(parser):
@@ -461,6 +486,15 @@ def cmd_evaluate(args):
     print(markdown + f"({len(prompts)} inference prompts; {args.out}.md, {args.out}.csv)")
 
 
+def cmd_reproduce(args):
+    import compare
+    compare.reproduce(args)
+
+
+def cmd_compare(args):
+    import compare
+    compare.compare(args)
+
 def cmd_convert(args):
     import rewards
     if args.src.endswith(".npz"):  # the authors' save_lora format -> a PEFT-layout adapter
@@ -498,27 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(train)
     train.add_argument("--runs", default="runs", help="output folder, relative to the current directory (not to "
                        "emorl.py, unlike the model defaults); each run goes to RUNS/<objective>-<seed>/")
-    train.add_argument("--max-steps", type=positive, default=10_000, help="stop after this many steps if not converged")
-    train.add_argument("--batch-size", type=positive, default=16, help="prompts per step")
-    train.add_argument("--samples-per-prompt", type=integer(2), default=3,
-                       help="k samples per prompt (SCST and validation; their mean is the baseline, so k >= 2)")
-    train.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each sampled response")
-    train.add_argument("--lr", type=number(0.0, low_open=True), default=1e-4, help="AdamW learning rate of the adapter")
-    train.add_argument("--beta", type=number(0.0), default=0.05, help="KL coefficient")
-    train.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="gradient norm clipping")
-    train.add_argument("--val-every", type=positive, default=8,
-                       help="validate every N steps from step N (a step-0 validation is logged, not counted)")
-    train.add_argument("--val-prompts", type=positive, default=None,
-                       help="validate on the first N aggregation prompts (default: all of them, as the authors)")
-    train.add_argument("--cv-window", type=integer(2), default=20, help="convergence: last N validation rewards")
-    train.add_argument("--cv-tolerance", type=number(0.0), default=0.015, help="convergence: coefficient of variation below this")
-    train.add_argument("--combine", choices=["logsum", "mean"], default="logsum",
-                       help="reward: logsum = sum of w_i log clip(s_i) (single objectives too), mean = raw scores")
-    train.add_argument("--gamma", type=fraction, default=0.07, help="DynaOpt's Exp3 exploration rate, in (0, 1]")
+    add_training_flags(train)
     train.add_argument("--jobs", type=positive, default=1,
                        help="train all: N processes at once (--device a,b,...: one device per process)")
-    train.add_argument("--top-k", type=integer(0), default=50,
-                       help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):
@@ -561,6 +577,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_force_flag(evaluate_cmd)
     evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
+
+    def add_orchestration_flags(sub, out):
+        add_model_flags(sub)
+        add_data_flags(sub)
+        add_training_flags(sub)
+        sub.add_argument("--seeds", metavar="S,S,...", help="training seeds (default: --seed alone)")
+        sub.add_argument("--out", default=out, help="output folder (resumable), relative to the current directory")
+        sub.add_argument("--decode-batch-size", type=positive, default=16, help="prompts decoded at once")
+
+    reproduce = commands.add_parser("reproduce", help="the paper's Tables 1-3, Figures 3 and 5 and claims, per seed "
+                                                      "(compare.py)")
+    add_orchestration_flags(reproduce, "reproduce")
+    reproduce.add_argument("--iterations", type=positive, default=5, help="refinement iterations of Algorithm 1")
+    reproduce.add_argument("--generation-runs", type=positive, default=3, help="sampled runs per single-policy method "
+                           "(the authors' protocol)")
+    reproduce.set_defaults(func=cmd_reproduce)
+
+    compare_cmd = commands.add_parser("compare", help="every method over a preference grid: fronts, hypervolume, "
+                                                      "costs (compare.py)")
+    add_orchestration_flags(compare_cmd, "compare")
+    compare_cmd.add_argument("--preferences", metavar="FILE", help="one preference per line, d comma-separated weights "
+                             "summing to 1 (default: HoE's grid: 11 points for d = 2, 13 for 3, step 1/4 beyond)")
+    compare_cmd.add_argument("--methods", default="hidden-search,logit-search,hidden,logit,soups,single",
+                             help="comma-separated methods of compare.METHODS")
+    compare_cmd.add_argument("--iterations", type=positive, default=3, help="Algorithm 1's iterations per preference")
+    compare_cmd.add_argument("--decoding", choices=["greedy", "sample"], default="greedy",
+                             help="one protocol for every method: greedy (HoE's), or top-50 sampling (seeded)")
+    compare_cmd.add_argument("--single-policy-budget", type=integer(0), default=1,
+                             help="single-policy runs per seed, at the preferences nearest the centre")
+    compare_cmd.set_defaults(func=cmd_compare)
 
     convert = commands.add_parser("convert", help="turn a .pt/.bin scorer checkpoint into safetensors, or the authors' "
                                                   "LoRA .npz into a PEFT-layout adapter")

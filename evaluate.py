@@ -97,7 +97,8 @@ def searched_objectives(result, objectives) -> list[str]:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, aggregate=None, generator=None) -> list[str]:
+def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, aggregate=None, generator=None,
+                   max_new_tokens=64) -> list[str]:
     """Generations for `prompts`: one adapter (None = base model), or aggregate=(names, weights, level).
     Greedy, or top-50 sampling at temperature 1 when a torch.Generator is given."""
     model.eval()
@@ -106,10 +107,11 @@ def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, 
     for start in range(0, len(prompts), batch_size):
         ids, mask = data.encode_prompts(tokenizer, prompts[start:start + batch_size], device)
         if aggregate is not None:
-            tokens = search.ensemble_generate(model, aggregate[0], aggregate[1], ids, mask, level=aggregate[2], **sampling)
+            tokens = search.ensemble_generate(model, aggregate[0], aggregate[1], ids, mask, level=aggregate[2],
+                                              max_new_tokens=max_new_tokens, **sampling)
         else:
             lora.set_adapter(model, adapter)
-            tokens = t5.generate(model, ids, mask, **sampling)[0]
+            tokens = t5.generate(model, ids, mask, max_new_tokens=max_new_tokens, **sampling)[0]
         texts += tokenizer.batch_decode(tokens)
     return texts
 
@@ -136,7 +138,7 @@ def consumption(summaries: list[dict], aggregation_seconds: float = 0.0) -> dict
 
 def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, search_result: dict | None,
              batch_size: int = 16, device: str = "cpu", objectives=rewards.OBJECTIVES, greedy: bool = False,
-             generation_runs: int = 3, seed: int = 0, force: bool = False) -> dict[str, list[dict]]:
+             generation_runs: int = 3, seed: int = 0, force: bool = False, max_new_tokens: int = 64) -> dict[str, list[dict]]:
     """{method: [one metrics row per (training seed, generation run)]}. load_policy() -> (model,
     tokenizer), a fresh base model. See the module docstring for the protocol."""
     objectives = list(objectives)
@@ -174,7 +176,7 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
         for run in range(generation_runs if sampled else 1):
             generator = torch.Generator(device=device).manual_seed(seed + run) if sampled else None
             texts = generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None if method == "base" else method,
-                                   aggregate=aggregate, generator=generator)
+                                   aggregate=aggregate, generator=generator, max_new_tokens=max_new_tokens)
             row = metrics(scorers, prompts, texts, objectives)
             if run == 0 and summaries:  # consumption: once per training seed
                 row.update(consumption(summaries, aggregation_seconds if method in LEVELS else 0.0))

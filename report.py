@@ -3,6 +3,8 @@
 - `pareto_front`, `hypervolume`: the non-dominated per-objective score vectors of every evaluated
   weight vector (maximisation) and the exact volume they dominate above a reference point.
 - `pareto_report`, `format_report`, `format_evaluation`: what `search.py` stores in search.json and prints.
+- `spearman`, `curves_svg`, `fronts_svg`: compare.py's objective relationships (MORL-P §2.2), Figure 3
+  (validation reward vs data points, seeds shaded) and the methods' points in every pair of objectives.
 - `search_svg`: Figure 5 without a plotting library, for any d >= 2 — one panel per iteration of
   Algorithm 1, w1 on the x axis, w2 on the y axis, one slice per value of (w3..wd) (d = 2: one slice;
   d = 3: a row of three, one per w3 value; d = 4: a 3x3 block, columns w3, rows w4; d = 5: 9 rows of
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from xml.sax.saxutils import escape
 
 import files
@@ -227,3 +230,116 @@ def _colourbar(left, top, low, high, best, height=150, steps=20) -> str:
         parts.append(f'<line x1="{left - 3}" x2="{left + 17}" y1="{yb:.1f}" y2="{yb:.1f}" stroke="red" stroke-width="2"/>')
     parts.append("</g>")
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- objective relationships (compare.py)
+def ranks(values) -> list[float]:
+    """Ranks 1..n, ties given their average rank (Spearman's convention)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out, i = [0.0] * len(values), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's ρ: the Pearson correlation of the ranks; None when one side is constant."""
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+# ----------------------------------------------------------------------------- Figure 3 and the fronts (compare.py)
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _axes(left, top, width, height, x_range, y_range, x_label, y_label):
+    """An empty plot frame with 3 ticks per axis; returns (svg parts, x(v), y(v))."""
+    (x0, x1), (y0, y1) = x_range, y_range
+    x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
+
+    def x(v):
+        return left + (v - x0) / (x1 - x0) * width
+
+    def y(v):
+        return top + height - (v - y0) / (y1 - y0) * height
+
+    parts = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#888"/>',
+             f'<text x="{left + width / 2}" y="{top + height + 28}" text-anchor="middle">{escape(x_label)}</text>',
+             f'<text x="{left - 38}" y="{top + height / 2}" text-anchor="middle" '
+             f'transform="rotate(-90 {left - 38} {top + height / 2})">{escape(y_label)}</text>']
+    for k in range(3):
+        vx, vy = x0 + (x1 - x0) * k / 2, y0 + (y1 - y0) * k / 2
+        parts.append(f'<text x="{x(vx):.1f}" y="{top + height + 13}" text-anchor="middle">{vx:.4g}</text>')
+        parts.append(f'<text x="{left - 4}" y="{y(vy) + 3:.1f}" text-anchor="end">{vy:.3g}</text>')
+    return parts, x, y
+
+
+def _legend(labels, left, top) -> list[str]:
+    return [f'<g class="legend"><rect x="{left}" y="{top + 14 * i - 8}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
+            f'<text x="{left + 14}" y="{top + 14 * i + 1}">{escape(label)}</text></g>' for i, label in enumerate(labels)]
+
+
+def curves_svg(curves: dict, title="Validation reward vs data points (Figure 3)", width=560, height=300) -> str:
+    """Figure 3: for each method (class "curve"), its seeds' validation curves {seed: [(data points, reward)]}
+    as the mean over the seeds that reached each x (line) and their min..max (shaded band)."""
+    points = [p for runs in curves.values() for curve in runs.values() for p in curve]
+    if not points:
+        raise files.InputError("Figure 3: no validation records to draw")
+    x_range = (min(p[0] for p in points), max(p[0] for p in points))
+    y_range = (min(p[1] for p in points), max(p[1] for p in points))
+    left, top = 70, 40
+    parts, x, y = _axes(left, top, width, height, x_range, y_range, "data points", "validation reward")
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 190}" height="{top + height + 50}" '
+           f'font-family="sans-serif" font-size="10">', f'<text x="{left}" y="20" font-size="12">{escape(title)}</text>', *parts]
+    for i, (method, runs) in enumerate(curves.items()):
+        colour_ = PALETTE[i % len(PALETTE)]
+        xs = sorted({p[0] for curve in runs.values() for p in curve})
+        at = [[dict(curve)[v] for curve in runs.values() if v in dict(curve)] for v in xs]
+        band = [(v, min(values), max(values)) for v, values in zip(xs, at)]
+        polygon = [f"{x(v):.1f},{y(hi):.1f}" for v, _, hi in band] + [f"{x(v):.1f},{y(lo):.1f}" for v, lo, _ in reversed(band)]
+        line = " ".join(f"{x(v):.1f},{y(sum(values) / len(values)):.1f}" for v, values in zip(xs, at))
+        out.append(f'<g class="curve" id="{escape(method)}"><polygon points="{" ".join(polygon)}" fill="{colour_}" '
+                   f'fill-opacity="0.2" stroke="none"/><polyline points="{line}" fill="none" stroke="{colour_}" '
+                   f'stroke-width="1.5"><title>{escape(method)} ({len(runs)} seeds)</title></polyline></g>')
+    out += _legend([f"{m} ({len(r)} seeds)" for m, r in curves.items()], left + width + 16, top + 8)
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def fronts_svg(fronts: dict, names, base=None, size=220, gap=70) -> str:
+    """The methods' points (class "point", one colour per method; fronts = {method: [score vectors]})
+    in every pairwise projection of the objectives (one panel per pair), the base model as a black cross."""
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    every = [p for points in fronts.values() for p in points] + ([base] if base else [])
+    if not pairs or not every:
+        raise files.InputError("fronts figure: needs >= 2 objectives and at least one point")
+    left, top = 60, 40
+    width = left + len(pairs) * (size + gap) + 200
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + size + 50}" font-family="sans-serif" '
+           f'font-size="10">', f'<text x="{left}" y="20" font-size="12">Points per preference, every pair of objectives '
+           '(mean over seeds); black cross: base model</text>']
+    for k, (a, b) in enumerate(pairs):
+        x_range = (min(p[a] for p in every), max(p[a] for p in every))
+        y_range = (min(p[b] for p in every), max(p[b] for p in every))
+        parts, x, y = _axes(left + k * (size + gap), top, size, size, x_range, y_range, names[a], names[b])
+        out += ['<g class="panel">', *parts]
+        for i, (method, points) in enumerate(fronts.items()):
+            out += [f'<circle class="point" cx="{x(p[a]):.1f}" cy="{y(p[b]):.1f}" r="3.5" fill="{PALETTE[i % len(PALETTE)]}" '
+                    f'fill-opacity="0.8"><title>{escape(method)}: {escape(", ".join(f"{v:.3f}" for v in p))}</title></circle>'
+                    for p in points]
+        if base:
+            cx, cy = x(base[a]), y(base[b])
+            out.append(f'<path class="base" d="M{cx - 5:.1f},{cy - 5:.1f}L{cx + 5:.1f},{cy + 5:.1f}M{cx - 5:.1f},{cy + 5:.1f}'
+                       f'L{cx + 5:.1f},{cy - 5:.1f}" stroke="black" stroke-width="1.5"/>')
+        out.append("</g>")
+    out += _legend(list(fronts), left + len(pairs) * (size + gap), top + 8)
+    out.append("</svg>")
+    return "\n".join(out)

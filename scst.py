@@ -36,6 +36,8 @@ Deviations from the paper / public code:
 - A run is resumable (checkpoint at every validation); a finished run that stopped at --max-steps
   without converging trains on when given more steps, exactly as if it had never stopped
   (finished_summary); any other changed setting is refused.
+- compare.py's single-policy runs at a preference λ: uniform with args.preference as its fixed reward
+  weights (Σ λ_i log clip(s_i)); its validation reward stays the plain mean of the trained objectives.
 """
 from __future__ import annotations
 
@@ -303,7 +305,8 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, 
 
 # ----------------------------------------------------------------------------- the training loop
 RESULT_SETTINGS = ("objective", "objectives", "seed", "batch_size", "samples_per_prompt", "max_new_tokens", "lr",
-                   "beta", "grad_clip", "val_every", "cv_window", "cv_tolerance", "combine", "gamma", "top_k")
+                   "beta", "grad_clip", "val_every", "cv_window", "cv_tolerance", "combine", "gamma", "top_k",
+                   "preference")
 
 
 def run_settings(args, model, train_examples, validation_prompts) -> dict:
@@ -390,7 +393,8 @@ class TrainingRun:
     def reward_weights(self) -> dict[str, float]:
         """This step's reward weights (DynaOpt: its inner bandit moves at every call, once per step)."""
         d = len(self.objectives)
-        weights = self.dynaopt.step_weights() if self.dynaopt else [1.0 / d] * d
+        preference = getattr(self.args, "preference", None)  # compare.py's single-policy run at λ
+        weights = self.dynaopt.step_weights() if self.dynaopt else list(preference) if preference else [1.0 / d] * d
         return dict(zip(self.objectives, weights))
 
     def record_validation(self, scores: dict[str, float]) -> dict:

@@ -8,7 +8,8 @@ weights (§4.2, Algorithm 1, Appendix 11.3) — the `python emorl.py search` com
   merged with the raw weights, as the public code merges).
 - `hierarchical_grid_search`: Algorithm 1 as a pure function, resumable from its own records.
 - `make_objective`, `run_search`: f(w) = mean over objectives of the mean score over the aggregation
-  prompts (SPEC §5); search.json rewritten atomically after every evaluation; Pareto report (report.py).
+  prompts (SPEC §5), or their λ-weighted mean for a preference λ (`scalarise`, compare.py);
+  search.json rewritten atomically after every evaluation; Pareto report (report.py).
 
 Deviations from the paper / public code:
 - The public code deep-copies K models and re-runs the whole sequence (encoder included) every step.
@@ -240,10 +241,23 @@ def hierarchical_grid_search(objective, d, iterations=5, log=None, on_eval=None,
 
 
 # ----------------------------------------------------------------------------- command layer
+def scalarise(scores, preference=None) -> float:
+    """The search's objective: the λ-weighted mean Σ_i λ_i s_i / Σ_i λ_i of the per-objective scores
+    (compare.py's preferences; MORL-P §2.2 metric 1); preference None is the plain mean (SPEC §5).
+    λ is first divided by its largest entry, so λ = 1/d becomes (1, ..., 1) exactly and gives the plain
+    mean bit for bit: the same search, ties included."""
+    if preference is None:
+        return sum(scores) / len(scores)
+    top = max(preference)
+    scaled = [lam / top for lam in preference]
+    return sum(lam * s for lam, s in zip(scaled, scores)) / sum(scaled)
+
+
 def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hidden", batch_size=16,
-                   max_new_tokens=64, device="cpu"):
-    """objective(weights) -> (mean over objectives, [mean clipped score over `prompts` per scorer]),
-    decoding policy_input(prompt) (≤ 128 tokens) with ensemble_generate; scorers in dict order."""
+                   max_new_tokens=64, device="cpu", preference=None):
+    """objective(weights) -> (scalarise(clipped scores, preference): the plain mean by default, [mean clipped
+    score over `prompts` per scorer]), decoding policy_input(prompt) (≤ 128 tokens) with ensemble_generate;
+    scorers in dict order."""
     if not prompts:
         raise InputError("grid search: the aggregation split has no prompts")
     model.eval()
@@ -258,7 +272,7 @@ def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hid
             for j, scorer in enumerate(scorers.values()):
                 totals[j] += float(rewards.clip(scorer(chunk, responses).float()).sum())  # as el_aggregation.py:160
         per_objective = [t / len(prompts) for t in totals]
-        return sum(per_objective) / len(per_objective), per_objective
+        return scalarise(per_objective, preference), per_objective
 
     objective.ray_invariant = level != "param"  # the memo key hierarchical_grid_search uses
     return objective
