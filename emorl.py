@@ -2,6 +2,7 @@
 aggregation weights, generate and evaluate.
 
     python emorl.py train reflection|empathy|fluency|NAME|uniform|dynaopt|all   # §4 training stage (scst.py)
+    python emorl.py train iterative --merge-every 30 --max-steps 120  # IterativeRS, one soup (iterative.py)
     python emorl.py search      # §4.2, Algorithm 1: hierarchical grid search of the weights (search.py)
     python emorl.py generate --weights 0.8,0.5,0.05 "client statement"     # §4.1, Eq. (2)
     python emorl.py evaluate    # §5, Tables 1 and 2
@@ -36,7 +37,7 @@ DEFAULT_DATA = os.path.join(HERE, "data", "pair_sample.csv")
 SCORER_NAMES = ("reflection", "empathy", "fluency")     # the built-in objectives, each with its own flag
 BASELINES = ("uniform", "dynaopt")
 # Names an objective cannot take: methods and columns of evaluate's tables, train's own words.
-RESERVED = BASELINES + ("all", "base", "param", "logit", "hidden", "average", "seconds", "seed")
+RESERVED = BASELINES + ("all", "iterative", "base", "param", "logit", "hidden", "average", "seconds", "seed")
 # Plugged scorers the embedded default ships: objective -> (folder under DEFAULT_ASSETS, label scored).
 DEFAULT_PLUGGED = {"autonomy": ("autonomy", "autonomy")}
 OBJECTIVE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")   # a run folder <name>-<seed> and a LoRA adapter name
@@ -271,7 +272,7 @@ def training_runs(args, known) -> list[str]:
     explicit, args.objectives = args.objectives is not None, parse_objectives(args.objectives, known)
     if args.objective == "all":
         return list(args.objectives)
-    if args.objective in BASELINES:
+    if args.objective in BASELINES + ("iterative",):
         if len(args.objectives) < 2:
             raise InputError(f"train {args.objective}: --objectives needs at least 2 objectives to combine")
         return [args.objective]
@@ -334,10 +335,41 @@ def exit_with_parent(parent_pid):
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def cmd_train_iterative(args, known):
+    """train iterative: IterativeRS ([IRS] Algorithm 1) into RUNS/iterative-<seed>/ (iterative.py)."""
+    import iterative
+    from files import InputError
+    if "," in args.device:
+        raise InputError(f"--device {args.device}: train iterative runs on one device")
+    args.weights, args.subset = iterative.check_plan(args.objectives, args.weights, args.merge_every, args.max_steps, args.subset)
+    run_dir = os.path.join(args.runs, f"iterative-{args.seed}")
+    prepare_output(run_dir, f"--runs {args.runs}")
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
+        return
+    splits = load_splits(args)
+    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
+    scorers = load_scorers(args, list(dict.fromkeys([*SCORER_NAMES, *args.objectives])), known)
+    model, tokenizer = load_policy(args)
+    summary = iterative.train_iterative(model, tokenizer, scorers, splits["train"], validation_prompts, args, run_dir)
+    print(f"iterative: {summary['rounds']} rounds of {summary['merge_every']} steps, {summary['data_points']} data points, "
+          f"{summary['wall_seconds']:.1f}s serial, {summary['parallel_seconds']:.1f}s parallel (Eq. 3), reward "
+          f"{summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
+
+
 def cmd_train(args):
     from files import InputError
     known = known_scorers(args)
     objectives = training_runs(args, known)
+    given = [flag for flag, value in (("--weights", args.weights), ("--merge-every", args.merge_every),
+                                      ("--subset", args.subset), ("--selective", args.selective)) if value not in (None, False)]
+    if args.objective == "iterative":
+        if args.merge_every is None:
+            raise InputError("train iterative: give --merge-every M, a divisor of --max-steps (the paper's summarization "
+                             "runs merge T/m = 4 times)")
+        return cmd_train_iterative(args, known)
+    if given:
+        raise InputError(f"train {args.objective}: {given[0]} is for train iterative")
     devices = [device.strip() for device in args.device.split(",")]
     jobs = min(args.jobs, len(objectives))
     if len(devices) > jobs:
@@ -487,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
     train.add_argument("objective", help="reflection, empathy, fluency, a plugged objective (--scorer), uniform, "
-                                         "dynaopt, or all (every objective of --objectives, one adapter each)")
+                                         "dynaopt, all (every objective of --objectives, one adapter each), or "
+                                         "iterative (IterativeRS: one soup of --objectives for --weights)")
     add_model_flags(train, device_type=devices)
     add_data_flags(train)
     train.add_argument("--runs", default="runs", help="output folder, relative to the current directory (not to "
@@ -513,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train all: N processes at once (--device a,b,...: one device per process)")
     train.add_argument("--top-k", type=integer(0), default=50,
                        help="sample among the K most likely tokens (training and validation; 0 = full softmax)")
+    train.add_argument("--merge-every", type=positive, help="train iterative: m, steps between merges (divides --max-steps)")
+    train.add_argument("--weights", help="train iterative: preference w, one per objective (default: uniform)")
+    train.add_argument("--subset", type=positive, help="train iterative: M objectives drawn per round (default: all)")
+    train.add_argument("--selective", action="store_true",
+                       help="train iterative: pick each merge's weights among B.3's candidate sets by mean reward")
+    train.add_argument("--select-prompts", type=positive, default=32,
+                       help="train iterative --selective: training prompts each candidate is scored on")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):

@@ -6,6 +6,7 @@ Methods, from one base T5 with the trained adapters loaded (≤ 64 new tokens ea
   base                   the policy with every adapter disabled (T5-base in the paper)
   <method>               every finished run runs/<method>-<seed>/ (summary.json present): one adapter
                          each (the objectives' adapters, uniform, dynaopt, or any other)
+  iterative              runs/iterative-<seed>/: IterativeRS's soup W0 + Δ (iterative.load_soup), one policy
   param / logit / hidden the search's objective adapters (search.json's "objectives", any d) aggregated with the searched weights,
                          Appendix 11.1 / 11.2 / Eq. (2), for every seed that has all of them
 Protocol (el_test.py:63-69, 111-176): the single-policy methods (base, every run, and the parameter
@@ -43,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import iterative
 import lora
 import rewards
 import search
@@ -51,6 +53,7 @@ import t5
 from files import InputError
 
 LEVELS = ("param", "logit", "hidden")
+SOUPS = ("iterative",)  # runs whose output is a parameter-level soup (iterative.load_soup), not an adapter
 GREEDY_METHODS = ("logit", "hidden")  # decoded greedily in the authors' protocol too
 TOP_K = 50  # HF generate's default, used by the public code's sampling
 INTEGER_COLUMNS = ("data points", "seconds")
@@ -173,13 +176,16 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
         used = [] if method == "base" else aggregated if method in LEVELS else [method]
         summaries = []
         for name in used:
-            lora.load_adapter(model, os.path.join(runs[training_seed][name], "adapter"), name)
+            if name in SOUPS:
+                iterative.load_soup(model, runs[training_seed][name])
+            else:
+                lora.load_adapter(model, os.path.join(runs[training_seed][name], "adapter"), name)
             summaries.append(files.read_json(os.path.join(runs[training_seed][name], "summary.json")))
         aggregate = (aggregated, weights, method) if method in LEVELS else None
         sampled = not greedy and method not in GREEDY_METHODS
         for run in range(generation_runs if sampled else 1):
             generator = torch.Generator(device=device).manual_seed(seed + run) if sampled else None
-            texts = generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None if method == "base" else method,
+            texts = generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None if method in ("base", *SOUPS) else method,
                                    aggregate=aggregate, generator=generator)
             row = metrics(scorers, prompts, texts, objectives)
             if run == 0 and summaries:  # consumption: once per training seed
