@@ -448,16 +448,29 @@ def cmd_generate(args):
     import data
     import search
     import torch
+    from files import InputError
     torch.manual_seed(args.seed)
-    names = parse_objectives(args.objectives, None)
-    weights = search.parse_weights(args.weights, len(names))
-    adapters = adapter_dirs(args, names)
-    model, tokenizer = load_policy(args)
-    load_adapters(model, adapters, names)
-    ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
-    model.eval()
-    tokens = search.ensemble_generate(model, names, weights, ids, mask, level=args.level,
-                                      max_new_tokens=args.max_new_tokens)
+    if args.soup is not None:                 # IterativeRS: one merged policy, greedy
+        import iterative
+        import t5
+        if args.weights is not None:
+            raise InputError("--soup decodes one merged policy; --weights is for the objective adapters")
+        model, tokenizer = load_policy(args)
+        iterative.load_soup(model, args.soup)
+        ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
+        tokens = t5.generate(model.eval(), ids, mask, max_new_tokens=args.max_new_tokens)[0]
+    else:
+        if args.weights is None:
+            raise InputError("the following arguments are required: --weights (or --soup RUN)")
+        names = parse_objectives(args.objectives, None)
+        weights = search.parse_weights(args.weights, len(names))
+        adapters = adapter_dirs(args, names)
+        model, tokenizer = load_policy(args)
+        load_adapters(model, adapters, names)
+        ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
+        model.eval()
+        tokens = search.ensemble_generate(model, names, weights, ids, mask, level=args.level,
+                                          max_new_tokens=args.max_new_tokens)
     for text in tokenizer.batch_decode(tokens):
         print(text)
 
@@ -573,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="aggregated reflection for client statements (Eq. 2)")
     generate.add_argument("text", nargs="+", help="client statement(s)")
-    generate.add_argument("--weights", required=True, help="comma-separated weights, e.g. 0.8,0.5,0.05")
+    generate.add_argument("--weights", help="comma-separated weights, e.g. 0.8,0.5,0.05 (required without --soup)")
+    generate.add_argument("--soup", metavar="RUN", help="decode IterativeRS's soup of this run folder instead "
+                          "(e.g. runs/iterative-0; greedy, no --weights)")
     generate.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each reflection")
     add_model_flags(generate, scorers=False)
     add_aggregation_flags(generate)

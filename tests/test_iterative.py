@@ -297,7 +297,7 @@ def test_evaluate_decodes_the_soup_as_a_sampled_single_policy(tiny, tmp_path):
 ])
 def test_bad_flags_are_one_error_line(flags, message, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "emorl.py"), "train", "iterative", *flags,
-                             "--runs", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                             "--runs", str(tmp_path)], capture_output=True, text=True, timeout=600)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr and not os.listdir(tmp_path)
@@ -305,5 +305,27 @@ def test_bad_flags_are_one_error_line(flags, message, tmp_path):
 
 def test_iterative_flags_are_refused_elsewhere(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "emorl.py"), "train", "reflection", "--merge-every", "2",
-                             "--runs", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                             "--runs", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "train iterative" in result.stderr
+
+
+def test_generate_decodes_a_soup_greedily(tmp_path):
+    """`generate --soup RUN` = greedy decoding of W0 + Δ (Δ made by hand here on the embedded policy)."""
+    import t5
+    policy = os.path.join(ROOT, "data", "default", "policy")
+    model, tokenizer = t5.load_t5(policy)
+    soup = iterative.Soup(model)
+    generator = torch.Generator().manual_seed(0)
+    delta = {path: 0.02 * torch.randn(d.shape, generator=generator) for path, d in soup.delta.items()}
+    soup.save(str(tmp_path), delta, 1, {"coefficients": {}})
+    files.write_json(str(tmp_path / iterative.CONFIG_FILE), {"method": "iterative", "target_modules": soup.targets, "rounds": 1})
+    soup.delta = delta
+    soup.apply()
+    ids, mask = encode_prompts(tokenizer, ["I keep putting off my exams."], "cpu")
+    expected = tokenizer.batch_decode(t5.generate(model.eval(), ids, mask, max_new_tokens=64)[0])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "emorl.py"), "generate", "--soup", str(tmp_path),
+                             "I keep putting off my exams."], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == expected
+    base, _ = t5.load_t5(policy)
+    assert expected != tokenizer.batch_decode(t5.generate(base.eval(), ids, mask, max_new_tokens=64)[0])  # the soup counts
