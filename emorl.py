@@ -2,6 +2,7 @@
 aggregation weights, generate and evaluate.
 
     python emorl.py train reflection|empathy|fluency|NAME|uniform|dynaopt|all   # §4 training stage (scst.py)
+    python emorl.py train iterative --merge-every 30 --max-steps 120  # IterativeRS, one soup (iterative.py)
     python emorl.py search      # §4.2, Algorithm 1: hierarchical grid search of the weights (search.py)
     python emorl.py generate --weights 0.8,0.5,0.05 "client statement"     # §4.1, Eq. (2)
     python emorl.py evaluate    # §5, Tables 1 and 2
@@ -38,7 +39,7 @@ DEFAULT_DATA = os.path.join(HERE, "data", "pair_sample.csv")
 SCORER_NAMES = ("reflection", "empathy", "fluency")     # the built-in objectives, each with its own flag
 BASELINES = ("uniform", "dynaopt")
 # Names an objective cannot take: methods and columns of evaluate's tables, train's own words.
-RESERVED = BASELINES + ("all", "base", "param", "logit", "hidden", "average", "seconds", "seed")
+RESERVED = BASELINES + ("all", "iterative", "base", "param", "logit", "hidden", "average", "seconds", "seed")
 # Plugged scorers the embedded default ships: objective -> (folder under DEFAULT_ASSETS, label scored).
 DEFAULT_PLUGGED = {"autonomy": ("autonomy", "autonomy")}
 OBJECTIVE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")   # a run folder <name>-<seed> and a LoRA adapter name
@@ -297,7 +298,7 @@ def training_runs(args, known) -> list[str]:
     explicit, args.objectives = args.objectives is not None, parse_objectives(args.objectives, known)
     if args.objective == "all":
         return list(args.objectives)
-    if args.objective in BASELINES:
+    if args.objective in BASELINES + ("iterative",):
         if len(args.objectives) < 2:
             raise InputError(f"train {args.objective}: --objectives needs at least 2 objectives to combine")
         return [args.objective]
@@ -356,11 +357,42 @@ def exit_with_parent(parent_pid):
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def cmd_train_iterative(args, known):
+    """train iterative: IterativeRS ([IRS] Algorithm 1) into RUNS/iterative-<seed>/ (iterative.py)."""
+    import iterative
+    from files import InputError
+    if "," in args.device:
+        raise InputError(f"--device {args.device}: train iterative runs on one device")
+    args.weights, args.subset = iterative.check_plan(args.objectives, args.weights, args.merge_every, args.max_steps, args.subset)
+    run_dir = os.path.join(args.runs, f"iterative-{args.seed}")
+    prepare_output(run_dir, f"--runs {args.runs}")
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
+        return
+    splits = load_splits(args)
+    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
+    scorers = load_scorers(args, list(dict.fromkeys([*SCORER_NAMES, *args.objectives])), known)
+    model, tokenizer = load_policy(args)
+    summary = iterative.train_iterative(model, tokenizer, scorers, splits["train"], validation_prompts, args, run_dir)
+    print(f"iterative: {summary['rounds']} rounds of {summary['merge_every']} steps, {summary['data_points']} data points, "
+          f"{summary['wall_seconds']:.1f}s serial, {summary['parallel_seconds']:.1f}s parallel (Eq. 3), reward "
+          f"{summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
+
+
 def cmd_train(args):
     import files
     from files import InputError
     known = known_scorers(args)
     objectives = training_runs(args, known)
+    given = [flag for flag, value in (("--weights", args.weights), ("--merge-every", args.merge_every),
+                                      ("--subset", args.subset), ("--selective", args.selective)) if value not in (None, False)]
+    if args.objective == "iterative":
+        if args.merge_every is None:
+            raise InputError("train iterative: give --merge-every M, a divisor of --max-steps (the paper's summarization "
+                             "runs merge T/m = 4 times)")
+        return cmd_train_iterative(args, known)
+    if given:
+        raise InputError(f"train {args.objective}: {given[0]} is for train iterative")
     devices = [device.strip() for device in args.device.split(",")]
     jobs = min(args.jobs, len(objectives))
     if len(devices) > jobs:
@@ -446,16 +478,29 @@ def cmd_generate(args):
     import data
     import search
     import torch
+    from files import InputError
     torch.manual_seed(args.seed)
-    names = parse_objectives(args.objectives, None)
-    weights = search.parse_weights(args.weights, len(names))
-    adapters = adapter_dirs(args, names)
-    model, tokenizer = load_policy(args)
-    load_adapters(model, adapters, names, args.force)
-    ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
-    model.eval()
-    tokens = search.ensemble_generate(model, names, weights, ids, mask, level=args.level,
-                                      max_new_tokens=args.max_new_tokens)
+    if args.soup is not None:                 # IterativeRS: one merged policy, greedy
+        import iterative
+        import t5
+        if args.weights is not None:
+            raise InputError("--soup decodes one merged policy; --weights is for the objective adapters")
+        model, tokenizer = load_policy(args)
+        iterative.load_soup(model, args.soup)
+        ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
+        tokens = t5.generate(model.eval(), ids, mask, max_new_tokens=args.max_new_tokens)[0]
+    else:
+        if args.weights is None:
+            raise InputError("the following arguments are required: --weights (or --soup RUN)")
+        names = parse_objectives(args.objectives, None)
+        weights = search.parse_weights(args.weights, len(names))
+        adapters = adapter_dirs(args, names)
+        model, tokenizer = load_policy(args)
+        load_adapters(model, adapters, names, args.force)
+        ids, mask = data.encode_prompts(tokenizer, args.text, args.device)
+        model.eval()
+        tokens = search.ensemble_generate(model, names, weights, ids, mask, level=args.level,
+                                          max_new_tokens=args.max_new_tokens)
     for text in tokenizer.batch_decode(tokens):
         print(text)
 
@@ -527,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="SCST + KL training of one LoRA adapter (scst.py)")
     train.add_argument("objective", help="reflection, empathy, fluency, a plugged objective (--scorer), uniform, "
-                                         "dynaopt, or all (every objective of --objectives, one adapter each)")
+                                         "dynaopt, all (every objective of --objectives, one adapter each), or "
+                                         "iterative (IterativeRS: one soup of --objectives for --weights)")
     add_model_flags(train, device_type=devices)
     add_data_flags(train)
     train.add_argument("--runs", default="runs", help="output folder, relative to the current directory (not to "
@@ -535,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(train)
     train.add_argument("--jobs", type=positive, default=1,
                        help="train all: N processes at once (--device a,b,...: one device per process)")
+    train.add_argument("--merge-every", type=positive, help="train iterative: m, steps between merges (divides --max-steps)")
+    train.add_argument("--weights", help="train iterative: preference w, one per objective (default: uniform)")
+    train.add_argument("--subset", type=positive, help="train iterative: M objectives drawn per round (default: all)")
+    train.add_argument("--selective", action="store_true",
+                       help="train iterative: pick each merge's weights among B.3's candidate sets by mean reward")
+    train.add_argument("--select-prompts", type=positive, default=32,
+                       help="train iterative --selective: training prompts each candidate is scored on")
     train.set_defaults(func=cmd_train)
 
     def add_aggregation_flags(sub):
@@ -556,7 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="aggregated reflection for client statements (Eq. 2)")
     generate.add_argument("text", nargs="+", help="client statement(s)")
-    generate.add_argument("--weights", required=True, help="comma-separated weights, e.g. 0.8,0.5,0.05")
+    generate.add_argument("--weights", help="comma-separated weights, e.g. 0.8,0.5,0.05 (required without --soup)")
+    generate.add_argument("--soup", metavar="RUN", help="decode IterativeRS's soup of this run folder instead "
+                          "(e.g. runs/iterative-0; greedy, no --weights)")
     generate.add_argument("--max-new-tokens", type=positive, default=64, help="length limit of each reflection")
     add_model_flags(generate, scorers=False)
     add_aggregation_flags(generate)

@@ -6,6 +6,7 @@ Methods, from one base T5 with the trained adapters loaded (≤ 64 new tokens ea
   base                   the policy with every adapter disabled (T5-base in the paper)
   <method>               every finished run runs/<method>-<seed>/ (summary.json present): one adapter
                          each (the objectives' adapters, uniform, dynaopt, or any other)
+  iterative              runs/iterative-<seed>/: IterativeRS's soup W0 + Δ (iterative.load_soup), one policy
   param / logit / hidden the search's objective adapters (search.json's "objectives", any d) aggregated with the searched weights,
                          Appendix 11.1 / 11.2 / Eq. (2), for every seed that has all of them
 Protocol (el_test.py:63-69, 111-176): the single-policy methods (base, every run, and the parameter
@@ -47,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import iterative
 import lora
 import rewards
 import search
@@ -55,6 +57,7 @@ import t5
 from files import InputError
 
 LEVELS = ("param", "logit", "hidden")
+SOUPS = ("iterative",)  # runs whose output is a parameter-level soup (iterative.load_soup), not an adapter
 GREEDY_METHODS = ("logit", "hidden")  # decoded greedily in the authors' protocol too
 TOP_K = 50  # HF generate's default, used by the public code's sampling
 INTEGER_COLUMNS = ("data points", "seconds")
@@ -154,6 +157,8 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
     seeds = sorted(runs, key=seed_order)
     for s in seeds:  # before any work: runs/<method>-<seed>/adapter must be an adapter of <method>
         for method, folder in runs[s].items():
+            if method in SOUPS:                                    # a soup has no adapter (iterative.load_soup checks it)
+                continue
             if warning := lora.check_objective(os.path.join(folder, "adapter"), method, force):
                 tqdm.write(warning, file=sys.stderr)
     jobs = [(None, "base")]
@@ -169,13 +174,16 @@ def evaluate(load_policy, scorers: dict, prompts: list[str], runs_dir: str, sear
         used = [] if method == "base" else aggregated if method in LEVELS else [method]
         summaries = []
         for name in used:
-            lora.load_adapter(model, os.path.join(runs[training_seed][name], "adapter"), name)
+            if name in SOUPS:
+                iterative.load_soup(model, runs[training_seed][name])
+            else:
+                lora.load_adapter(model, os.path.join(runs[training_seed][name], "adapter"), name)
             summaries.append(files.read_json(os.path.join(runs[training_seed][name], "summary.json")))
         aggregate = (aggregated, weights, method) if method in LEVELS else None
         sampled = not greedy and method not in GREEDY_METHODS
         for run in range(generation_runs if sampled else 1):
             generator = torch.Generator(device=device).manual_seed(seed + run) if sampled else None
-            texts = generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None if method == "base" else method,
+            texts = generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None if method in ("base", *SOUPS) else method,
                                    aggregate=aggregate, generator=generator, max_new_tokens=max_new_tokens)
             row = metrics(scorers, prompts, texts, objectives)
             if run == 0 and summaries:  # consumption: once per training seed

@@ -244,8 +244,9 @@ def validation_seed(seed: int, step: int) -> int:
 def sample_responses(model, input_ids, attention_mask, args, generator) -> torch.Tensor:
     """Responses drawn from the policy (top-k, temperature 1). Nothing is differentiated here, so the adapter
     is merged into the weights for the draw (Eq. 4 with w = 1: one matmul per layer instead of three) and
-    unmerged after (W0 copied back bit for bit); the loss's log-probs are recomputed unmerged."""
-    with lora.merged(model, {args.objective: 1.0}):
+    unmerged after (W0 copied back bit for bit); the loss's log-probs are recomputed unmerged.
+    args.objective None: the model's weights as they are, every adapter off (IterativeRS's soup)."""
+    with lora.merged(model, {args.objective: 1.0} if args.objective is not None else {}):
         return t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=args.top_k,
                            max_new_tokens=args.max_new_tokens, generator=generator)[0]
 
@@ -276,8 +277,11 @@ def adapter_dropout_only(model):
             module.train()
 
 
-def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, float], args, generator) -> dict:
-    """One SCST update on a batch of prompts with reward weights {objective: w}; returns its statistics."""
+def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, float], args, generator,
+              reference=lora.adapters_disabled) -> dict:
+    """One SCST update on a batch of prompts with reward weights {objective: w}; returns its statistics.
+    reference(model): the context in which the model is π_ref (default: every adapter off; IterativeRS
+    also takes its soup off, iterative.py)."""
     device, k, names = args.device, args.samples_per_prompt, list(weights)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device, repeat=k)
     model.eval()                                           # sampling: no dropout
@@ -287,10 +291,10 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, 
     reward = combine_rewards(scores, [weights[n] for n in names], args.combine).to(device)
     advantages = scst_advantages(reward.view(len(prompts), k)).view(-1)
     decoder_input_ids = shift_right(tokens, model.config.decoder_start_token_id)
+    with torch.no_grad(), reference(model):                # first: a reference may swap weights in place
+        reference_logits = model(input_ids, attention_mask, decoder_input_ids)
     adapter_dropout_only(model)
     policy_logits = model(input_ids, attention_mask, decoder_input_ids)
-    with torch.no_grad(), lora.adapters_disabled(model):
-        reference_logits = model(input_ids, attention_mask, decoder_input_ids)
     sampled, kl = token_logprobs_and_kl(policy_logits, reference_logits, tokens)
     mask = response_mask(tokens, model.config.eos_token_id)
     loss = scst_loss(sampled, kl, mask, advantages, args.beta)
@@ -362,6 +366,21 @@ def finished_summary(run_dir: str, args, settings: dict) -> dict | None:
     return None
 
 
+def next_batch(examples, batch_size: int, seed: int, epoch: int, cursor: int) -> tuple[list, int, int]:
+    """The next batch_size examples of a seeded reshuffle of `examples` per epoch, read from (epoch, cursor);
+    -> (batch, epoch, cursor) to continue from."""
+    batch = []
+    while len(batch) < batch_size:
+        order = list(range(len(examples)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        take = order[cursor:cursor + batch_size - len(batch)]
+        batch += [examples[i] for i in take]
+        cursor += len(take)
+        if cursor >= len(examples):
+            epoch, cursor = epoch + 1, 0
+    return batch, epoch, cursor
+
+
 class TrainingRun:
     """Everything a run must carry across a kill -9: step, data cursor, validation history, DynaOpt's
     bandits, RNG states, optimiser and adapter. Saved atomically at every validation."""
@@ -379,15 +398,7 @@ class TrainingRun:
 
     # --- data order: a seeded reshuffle per epoch, a cursor into it
     def next_batch(self, examples) -> list:
-        batch = []
-        while len(batch) < self.args.batch_size:
-            order = list(range(self.num_train))
-            random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
-            take = order[self.cursor:self.cursor + self.args.batch_size - len(batch)]
-            batch += [examples[i] for i in take]
-            self.cursor += len(take)
-            if self.cursor >= self.num_train:
-                self.epoch, self.cursor = self.epoch + 1, 0
+        batch, self.epoch, self.cursor = next_batch(examples, self.args.batch_size, self.seed, self.epoch, self.cursor)
         return batch
 
     def reward_weights(self) -> dict[str, float]:
