@@ -79,6 +79,42 @@ def parse_preference(text: str, d: int) -> list[float]:
     return [v / sum(values) for v in values]
 
 
+def parse_numbers(text: str, what: str, count: int | None = None, positive: bool = False) -> list[float]:
+    """"0.5,1,1.5" -> finite numbers (> 0 if positive; `count` of them if given); else InputError."""
+    values = []
+    for part in str(text).split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise InputError(f"{what} '{text}': '{part.strip()}' is not a number") from None
+    if any(not math.isfinite(v) or (positive and v <= 0) for v in values):
+        raise InputError(f"{what} '{text}': every value must be a finite number{' > 0' if positive else ''}")
+    if count is not None and len(values) != count:
+        raise InputError(f"{what} '{text}': expected {count} numbers (one per objective), got {len(values)}")
+    return values
+
+
+def parse_preferences(texts, d: int) -> list[list[float]]:
+    """evaluate --preference (repeatable): each a preference, or 'e5' for App. E.5's 13 points (d = 3);
+    none given: the uniform preference."""
+    preferences = []
+    for text in texts or [",".join(["1"] * d)]:
+        if text.strip().lower() == "e5":
+            if d != 3:
+                raise InputError(f"--preference e5: App. E.5's 13 points are for 3 objectives, not {d}")
+            preferences += [[x / sum(p) for x in p] for p in E5_PREFERENCES]
+        else:
+            preferences.append(parse_preference(text, d))
+    return preferences
+
+
+def parse_merged(texts, d: int) -> list[list[float]]:
+    """hoe build --merged (repeatable): the multi-objective experts' preferences; default uniform (App. D.2); 'none'."""
+    if texts == ["none"]:
+        return []
+    return [parse_preference(t, d) for t in texts or [",".join(["1"] * d)]]
+
+
 def default_router_preference(d: int) -> list[float]:
     """App. D.2: [0.25, 0.25, 0.5] for 3 objectives, [0.2] * 5 for 5; otherwise (unspecified) uniform."""
     return [0.25, 0.25, 0.5] if d == 3 else [1.0 / d] * d
@@ -166,10 +202,10 @@ def choose_rescale(model, tokenizer, scorers, objectives, name, factors, prefere
 
 
 def build_experts(model, tokenizer, scorers, objectives, prompts, out_dir, merged_preferences, rank, prune=PRUNE,
-                  candidates=RESCALES, batch_size=16, device="cpu") -> dict:
+                  candidates=RESCALES, batch_size=16, device="cpu", sources=()) -> dict:
     """§3.1 and Alg. 1 (lines 2-7): one expert per objective (its adapter, loaded as adapter `objective`,
     through task-SVD) and one per preference of `merged_preferences` (Eq. 4). Writes OUT/experts/<name>/
-    and OUT/hoe.json; returns the manifest."""
+    and OUT/hoe.json (`sources`: the objectives' run folders, for the consumption); returns the manifest."""
     started = time.time()
     vectors = [objective_vectors(model, n) for n in objectives]
     jobs = [(f"expert_{n}", [float(i == j) for j in range(len(objectives))], "single", vectors[i])
@@ -189,7 +225,7 @@ def build_experts(model, tokenizer, scorers, objectives, prompts, out_dir, merge
                         "rescale_scores": {f"{c:g}": s for c, s in tried.items()}})
         tqdm.write(f"{name} | λ {lam} | rescale {best:g} | " + " | ".join(f"{c:g}: {s:.4f}" for c, s in tried.items()))
     parameters = sum(p.numel() for n in (e["name"] for e in experts) for p in lora.adapter_parameters(model, n))
-    manifest = {"objectives": list(objectives), "experts": experts, "build_seconds": round(time.time() - started, 2),
+    manifest = {"objectives": list(objectives), "experts": experts, "sources": [os.path.abspath(s) for s in sources], "build_seconds": round(time.time() - started, 2),
                 "build_data_points": len(prompts) * len(candidates) * len(jobs), "expert_parameters": parameters}
     files.write_json(os.path.join(out_dir, "hoe.json"), manifest)
     return manifest
@@ -523,3 +559,43 @@ def restore(path, settings, router, optimizer, generator, out_dir, args) -> dict
             with open(os.path.join(out_dir, log_name), "r+b") as f:
                 f.truncate(size)
     return state
+
+
+# ----------------------------------------------------------------------------- evaluation (App. E.5, Table 3)
+def preference_label(preference) -> str:
+    return ",".join(f"{x:.2f}".rstrip("0").rstrip(".") for x in preference)
+
+
+def evaluate_hoe(load_policy, scorers, prompts, folder, preferences, objectives, batch_size=16, device="cpu"):
+    """HoE at each preference on `prompts`, greedy (App. E.5): ({"hoe λ": [metrics row]}, report). The report
+    (evaluate's OUT-hoe.json) holds each preference's plan, scores and relative inference cost (Table 3: HoE's decode
+    seconds / the seconds of one model, the base policy decoding the same prompts greedily, timed in the same run),
+    and the consumption (data points, seconds, trainable parameters)."""
+    model, tokenizer = load_policy()
+    hoe = load_hoe(model, folder)
+    if list(hoe.objectives) != list(objectives):
+        raise InputError(f"{folder}/hoe.json was built for {','.join(hoe.objectives)}, not {','.join(objectives)}")
+    manifest = files.read_json(os.path.join(folder, "hoe.json"))
+    sources = [files.read_json(os.path.join(s, "summary.json")) for s in manifest.get("sources", [])
+               if os.path.exists(os.path.join(s, "summary.json"))]
+    cost = consumption(hoe, sources)
+    started = time.perf_counter()
+    evaluate.generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None)   # one model: the base policy
+    one_model_seconds = time.perf_counter() - started
+    rows, report = {}, {"objectives": list(objectives), "prompts": len(prompts), "one_model_seconds": round(one_model_seconds, 3),
+                        "consumption": cost, "routers": [e.name for e in hoe.routers], "preferences": []}
+    for preference in tqdm(preferences, desc="hoe", unit="preference"):
+        started = time.perf_counter()
+        texts = decode_at(model, tokenizer, prompts, preference, hoe, batch_size, device)
+        seconds = time.perf_counter() - started
+        row = evaluate.metrics(scorers, prompts, texts, objectives)
+        plan = routing_plan(hoe, preference)
+        report["preferences"].append({"preference": preference, "plan": [[w, e.name] for w, e in plan],
+                                      "scores": {n: row[n] for n in objectives},
+                                      "weighted": weighted_score(row, objectives, preference), "seconds": round(seconds, 3),
+                                      "relative_inference_cost": round(seconds / one_model_seconds, 3)})
+        row.update({k: cost[k] for k in ("data points", "seconds")}, seed=None, run=0, decoding="greedy")
+        rows[f"hoe {preference_label(preference)}"] = [row]
+        tqdm.write(f"hoe {preference_label(preference)} | " + " | ".join(f"{n} {row[n]:.4f}" for n in objectives) +
+                   f" | {seconds:.2f}s ({seconds / one_model_seconds:.2f}x one model)")
+    return rows, report
