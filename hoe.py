@@ -214,7 +214,8 @@ def build_experts(model, tokenizer, scorers, objectives, prompts, out_dir, merge
               merge_vectors(vectors, lam)) for lam in merged_preferences]
     for n in objectives:                              # the source adapters are not HoE's: drop them
         for m in lora_modules(model).values():
-            m.lora_A.pop(n, None), m.lora_B.pop(n, None)
+            if n in m.lora_A:
+                m.lora_A.pop(n), m.lora_B.pop(n)
     experts = []
     for name, lam, kind, tau in tqdm(jobs, desc="hoe build", unit="expert"):
         factors = task_svd(tau, rank, prune)

@@ -342,3 +342,33 @@ def test_bad_preference_on_the_command_line_is_one_error_line(tmp_path, capsys, 
     assert emorl.main(argv + ["--preference", text]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+# ----------------------------------------------------------------------------- build, load, evaluate
+def test_build_writes_experts_that_load_back_and_the_rescale_is_chosen_on_the_given_prompts(tiny, tmp_path):
+    model, tokenizer = tiny
+    model = with_adapters(model, ["one", "two"], scale=1.0)
+    reference = copy.deepcopy(model)
+    texts = prompts(6)
+    scorers = {"one": response_length, "two": lambda p, r: 1 - response_length(p, r)}
+    manifest = hoe.build_experts(model, tokenizer, scorers, ["one", "two"], texts, str(tmp_path / "hoe"), [[0.5, 0.5]],
+                                 rank=8, prune=0.4, candidates=(0.5, 1.0, 2.0), sources=[str(tmp_path / "runs" / "one-0")])
+    assert [e["name"] for e in manifest["experts"]] == ["expert_one", "expert_two", "expert_merged_0p5_0p5"]
+    assert lora.adapter_names(model) == ["expert_one", "expert_two", "expert_merged_0p5_0p5"]   # sources dropped
+    for e in manifest["experts"]:                           # the chosen factor is the best of the candidates tried
+        assert e["rescale_scores"][f"{e['rescale']:g}"] == max(e["rescale_scores"].values())
+    merged = manifest["experts"][2]
+    tau = hoe.merge_vectors([hoe.objective_vectors(reference, n) for n in ("one", "two")], [0.5, 0.5])
+    expected = hoe.task_svd(tau, 8, 0.4, merged["rescale"])
+    loaded = copy.deepcopy(tiny[0])
+    experts = hoe.load_hoe(loaded, str(tmp_path / "hoe"))
+    assert [e.preference for e in experts.lora] == [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]] and experts.routers == []
+    for path, m in hoe.lora_modules(loaded).items():
+        A, B = expected[path]
+        torch.testing.assert_close(m.lora_B["expert_merged_0p5_0p5"] @ m.lora_A["expert_merged_0p5_0p5"], B @ A)
+    rows, report = hoe.evaluate_hoe(lambda: (copy.deepcopy(tiny[0]), tokenizer), scorers, texts, str(tmp_path / "hoe"),
+                                    [[1.0, 0.0], [0.3, 0.7]], ["one", "two"])
+    assert list(rows) == ["hoe 1,0", "hoe 0.3,0.7"]
+    assert [p["plan"] for p in report["preferences"]][0] == [[1.0, "expert_one"]]
+    assert report["preferences"][1]["plan"] == [[pytest.approx(0.6), "expert_merged_0p5_0p5"], [pytest.approx(0.4), "expert_two"]]
+    assert report["consumption"]["trainable parameters"] == 0 and rows["hoe 1,0"][0]["decoding"] == "greedy"
