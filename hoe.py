@@ -226,7 +226,8 @@ def build_experts(model, tokenizer, scorers, objectives, prompts, out_dir, merge
                         "rescale_scores": {f"{c:g}": s for c, s in tried.items()}})
         tqdm.write(f"{name} | λ {lam} | rescale {best:g} | " + " | ".join(f"{c:g}: {s:.4f}" for c, s in tried.items()))
     parameters = sum(p.numel() for n in (e["name"] for e in experts) for p in lora.adapter_parameters(model, n))
-    manifest = {"objectives": list(objectives), "experts": experts, "sources": [os.path.abspath(s) for s in sources], "build_seconds": round(time.time() - started, 2),
+    manifest = {"objectives": list(objectives), "experts": experts, "sources": [os.path.abspath(s) for s in sources],
+                "build_seconds": round(time.time() - started, 2),
                 "build_data_points": len(prompts) * len(candidates) * len(jobs), "expert_parameters": parameters}
     files.write_json(os.path.join(out_dir, "hoe.json"), manifest)
     return manifest
