@@ -11,6 +11,7 @@ aggregation weights, generate and evaluate.
     python emorl.py build-default            # rebuild the embedded small models under data/default/
     python emorl.py reproduce --seeds 0,1,2  # Tables 1-3, Figures 3 and 5, the paper's claims (compare.py)
     python emorl.py compare                  # every method over a preference grid (compare.py)
+    python emorl.py hoe build|train          # HoE (Li et al. 2025), the compared method: experts, routers (hoe.py)
 
 Every command defaults to the embedded assets under data/ and takes flags pointing at real ones.
 A user error (bad file, key, shape, value) prints one line `error: ...` and exits with status 2. Flag
@@ -508,11 +509,13 @@ def cmd_generate(args):
 def cmd_evaluate(args):
     import evaluate
     import files
+    import hoe
     import torch
+    from files import InputError
     torch.manual_seed(args.seed)
     known = known_scorers(args)
     names = parse_objectives(args.objectives, known)
-    outputs = [args.out + ".md", args.out + ".csv"]
+    outputs = [args.out + ".md", args.out + ".csv", args.out + "-hoe.json"]
     prepare_output(os.path.dirname(os.path.abspath(outputs[0])), f"--out {args.out}",
                    [os.path.basename(p) for p in outputs])
     search_result = files.read_json(args.search) if os.path.exists(args.search) else None
@@ -520,11 +523,20 @@ def cmd_evaluate(args):
         print(f"{args.search} not found: aggregated methods skipped (run `python emorl.py search` first)")
     else:
         evaluate.check_search(search_result, evaluate.searched_objectives(search_result, names), args.search)  # before any work
+    with_hoe = os.path.exists(os.path.join(args.hoe, "hoe.json"))
+    if args.preference and not with_hoe:
+        raise InputError(f"--preference: no HoE under {args.hoe}/ (run `python emorl.py hoe build` first)")
+    preferences = hoe.parse_preferences(args.preference, len(names)) if with_hoe else []
     prompts = [e.prompt for e in load_splits(args)["inference"]]
     results = evaluate.evaluate(lambda: load_policy(args), load_scorers(args, names, known), prompts, args.runs,
                                 search_result, batch_size=args.batch_size, device=args.device, objectives=names,
                                 greedy=args.greedy, generation_runs=args.generation_runs, seed=args.seed,
                                 force=args.force)
+    if with_hoe:
+        rows, report = hoe.evaluate_hoe(lambda: load_policy(args), load_scorers(args, names, known), prompts, args.hoe,
+                                        preferences, names, args.batch_size, args.device)
+        results.update(rows)
+        files.write_json(args.out + "-hoe.json", report)
     markdown, table_csv = evaluate.tables(results, objectives=names)
     files.atomic_write(args.out + ".md", markdown)
     files.atomic_write(args.out + ".csv", table_csv)
@@ -539,6 +551,40 @@ def cmd_reproduce(args):
 def cmd_compare(args):
     import compare
     compare.compare(args)
+
+def cmd_hoe(args):
+    """hoe build: LoRA experts from the objective adapters; hoe train: one router expert (hoe.py)."""
+    import hoe
+    import torch
+    from files import InputError
+    torch.manual_seed(args.seed)
+    known = known_scorers(args)
+    names = parse_objectives(args.objectives, known)
+    prepare_output(args.out, f"--out {args.out}", ["hoe.json"])
+    if args.action == "build":
+        merged = hoe.parse_merged(args.merged, len(names))
+        rescales = hoe.parse_numbers(args.rescales, "--rescales", positive=True)
+        adapters = adapter_dirs(args, names)
+        prompts = [e.prompt for e in load_splits(args)["aggregation"]]
+        model, tokenizer = load_policy(args)
+        load_adapters(model, adapters, names)
+        hoe.build_experts(model, tokenizer, load_scorers(args, names, known), names, prompts, args.out, merged, args.rank,
+                          args.prune, rescales, args.batch_size, args.device, sources=[os.path.dirname(a) for a in adapters])
+        return
+    preference = hoe.parse_preference(args.preference, len(names)) if args.preference else hoe.default_router_preference(len(names))
+    if args.ideal is not None:
+        args.ideal = hoe.parse_numbers(args.ideal, "--ideal", count=len(names))
+    prompts = [e.prompt for e in load_splits(args)["train"]]
+    model, tokenizer = load_policy(args)
+    experts = hoe.load_hoe(model, args.out)
+    if experts.objectives != names:
+        raise InputError(f"{args.out}/hoe.json was built for {','.join(experts.objectives)}, not --objectives {','.join(names)}")
+    name = "router_" + "_".join(f"{x:.4g}".replace(".", "p") for x in preference)
+    summary = hoe.train_router(model, tokenizer, load_scorers(args, names, known), experts, preference, prompts, args,
+                               os.path.join(args.out, "routers", name))
+    print(f"router {name}: {summary['steps']} steps, {summary['data_points']} data points, {summary['wall_seconds']}s, "
+          f"{summary['trainable_parameters']} trainable parameters")
+
 
 def cmd_convert(args):
     import rewards
@@ -631,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="sampled generation runs per trained model (seeds SEED, SEED+1, ...)")
     add_force_flag(evaluate_cmd)
     evaluate_cmd.add_argument("--out", default="evaluate", help="writes OUT.md and OUT.csv, relative to the current directory")
+    evaluate_cmd.add_argument("--hoe", default="hoe", help="HoE folder (`hoe build`): evaluated greedily when it exists")
+    evaluate_cmd.add_argument("--preference", action="append", help="HoE's preference, e.g. 0.6,0.2,0.2 (repeatable; "
+                              "'e5': App. E.5's 13 points; default: uniform); writes OUT-hoe.json")
     evaluate_cmd.set_defaults(func=cmd_evaluate)
 
     def add_orchestration_flags(sub, out):
@@ -672,6 +721,35 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--base", help=".pt: a roberta-base folder whose config.json, vocab.json, merges.txt are copied "
                                         "beside it; .npz: base_model_name_or_path written in adapter_config.json")
     convert.set_defaults(func=cmd_convert)
+
+    hoe_cmd = commands.add_parser("hoe", help="HoE (Li et al. 2025): build its LoRA experts, train a router expert (hoe.py)")
+    hoe_cmd.add_argument("action", choices=["build", "train"], help="build: task-SVD experts from the newest objective runs "
+                         "(or --adapters); train: the router expert at --preference")
+    add_model_flags(hoe_cmd)
+    add_data_flags(hoe_cmd)
+    add_aggregation_flags(hoe_cmd)
+    hoe_cmd.add_argument("--out", default="hoe", help="HoE folder (hoe.json, experts/, routers/), relative to the current directory")
+    hoe_cmd.add_argument("--batch-size", type=positive, default=16, help="prompts per step / decoded at once")
+    hoe_cmd.add_argument("--rank", type=positive, default=8, help="build: rank r' of every expert (task-SVD's top r')")
+    hoe_cmd.add_argument("--prune", type=number(0.0, 1.0), default=0.4, help="build: fraction of smallest |τ| zeroed, model-wide")
+    hoe_cmd.add_argument("--rescales", default="0.5,1,1.5,2", help="build: rescale candidates, chosen on the aggregation split")
+    hoe_cmd.add_argument("--merged", action="append", metavar="λ", help="build: a multi-objective expert at this preference "
+                         "(repeatable; default: uniform; 'none': no merged expert)")
+    hoe_cmd.add_argument("--preference", help="train: the router's preference (default: App. D.2's 0.25,0.25,0.5 for 3 "
+                         "objectives, else uniform)")
+    hoe_cmd.add_argument("--steps", type=positive, default=64, help="train: SCST steps of the router")
+    hoe_cmd.add_argument("--samples-per-prompt", type=integer(2), default=3, help="train: k samples per prompt")
+    hoe_cmd.add_argument("--max-new-tokens", type=positive, default=64, help="train: length limit of each sample")
+    hoe_cmd.add_argument("--lr", type=number(0.0, low_open=True), default=1e-2, help="train: AdamW learning rate of the router")
+    hoe_cmd.add_argument("--beta", type=number(0.0), default=0.05, help="train: KL coefficient (to the base policy)")
+    hoe_cmd.add_argument("--grad-clip", type=number(0.0, low_open=True), default=2.0, help="train: gradient norm clipping")
+    hoe_cmd.add_argument("--alpha", type=number(0.0), default=0.1, help="train: step of the STCH weight update (Eq. 18)")
+    hoe_cmd.add_argument("--ideal", help="train: reference point z*, one number per objective (default: 1 each)")
+    hoe_cmd.add_argument("--top-k", type=integer(0), default=50, help="train: sample among the K most likely tokens")
+    hoe_cmd.add_argument("--save-every", type=positive, default=8, help="train: checkpoint every N steps")
+    hoe_cmd.add_argument("--neighbours", type=positive, default=None, help="train: LoRA experts the router votes over "
+                         "(default: one per objective)")
+    hoe_cmd.set_defaults(func=cmd_hoe)
 
     build = commands.add_parser("build-default", help="rebuild the embedded small models (data/build_default.py)")
     build.add_argument("--out", help=f"output folder (default: {DEFAULT_ASSETS}, the committed models, which needs --force)")

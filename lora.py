@@ -5,6 +5,7 @@ the adapted model equals the base at init. Named adapters share one base: set_ad
 KL reference policy, no second model copy); weighted_adapters (unmerged Σ_i w_i·delta_i); mixed_adapters (row b
 uses its own adapter: one shared base matmul + x @ [A_1;..;A_K]^T masked to the row's block, @ [B_1..B_K]^T;
 ensemble decoding, Eq. (2));
+routed_adapters (per-token weights from a function of the module's input: HoE's routers, hoe.py);
 merge / unmerge: parameter-level aggregation, Eq. (4): θ = θ0 + Σ_i w_i·(alpha/r)·B_i A_i (unmerge copies θ0 back).
 Files use PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
 base_model.model.<module>.lora_{A,B}.weight): adapters move both ways between this code and peft.
@@ -52,7 +53,7 @@ class LoRALinear(nn.Linear):
         self.register_parameter("bias", base.bias)
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.alpha, self.dropout_p = {}, {}
-        self.mode = None      # None (base) | {name: weight} | (names, row_adapter LongTensor[B])
+        self.mode = None      # None (base) | {name: weight} | (names, row_adapter LongTensor[B] or gate)
         self.unmerged = None  # copy of the base weight while merged
 
     def add(self, name, r, alpha, dropout):
@@ -87,6 +88,13 @@ class LoRALinear(nn.Linear):
             return out
         names, rows = self.mode
         if not any(n in self.lora_A for n in names):
+            return out
+        if callable(rows):  # HoE, Eq. (12): W x + Σ_i g(x)[..., i]·(alpha/r)·B_i A_i x, per-token weights (hoe.py)
+            weights = rows(self, x)
+            for i, name in enumerate(names):
+                if name in self.lora_A:
+                    h = x @ self.lora_A[name].T
+                    out = out + (weights[..., i:i + 1] * self.scaling(name)) * (h @ self.lora_B[name].T)
             return out
         if rows.numel() != x.shape[0]:
             raise InputError(f"mixed_adapters: row_adapter has {rows.numel()} rows, the batch has {x.shape[0]}")
@@ -197,6 +205,15 @@ def mixed_adapters(model, names, row_adapter):
     if rows.dim() != 1 or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < len(names)):
         raise InputError(f"mixed_adapters: row_adapter must be a 1-D index into {len(names)} adapters")
     return _mode(model, (list(names), rows.to(next(model.parameters()).device)))
+
+
+def routed_adapters(model, names, gate):
+    """Input-dependent weights (HoE's routers, hoe.py): each adapted module computes
+    W x + Σ_i g[..., i]·(alpha/r)·B_i A_i x with g = gate(module, x) -> [..., len(names)]; no dropout (frozen experts)."""
+    _check(model, names)
+    if not callable(gate):
+        raise InputError("routed_adapters: gate must be a function (module, x) -> weights")
+    return _mode(model, (list(names), gate))
 
 
 def adapter_major_rows(num_adapters, rows_per_adapter) -> torch.Tensor:

@@ -278,14 +278,15 @@ def adapter_dropout_only(model):
 
 
 def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, float], args, generator,
-              reference=lora.adapters_disabled) -> dict:
+              reference=lora.adapters_disabled, sample=sample_responses, parameters=None) -> dict:
     """One SCST update on a batch of prompts with reward weights {objective: w}; returns its statistics.
     reference(model): the context in which the model is π_ref (default: every adapter off; IterativeRS
-    also takes its soup off, iterative.py)."""
+    also takes its soup off, iterative.py). `sample` draws the responses, `parameters` are the clipped ones
+    (default: adapter args.objective); hoe.py passes its routed sampler and its routers' parameters."""
     device, k, names = args.device, args.samples_per_prompt, list(weights)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, device, repeat=k)
     model.eval()                                           # sampling: no dropout
-    tokens = sample_responses(model, input_ids, attention_mask, args, generator)
+    tokens = sample(model, input_ids, attention_mask, args, generator)
     responses = tokenizer.batch_decode(tokens)
     scores = score(scorers, names, [p for p in prompts for _ in range(k)], responses)
     reward = combine_rewards(scores, [weights[n] for n in names], args.combine).to(device)
@@ -300,11 +301,14 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, 
     loss = scst_loss(sampled, kl, mask, advantages, args.beta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(lora.adapter_parameters(model, args.objective), args.grad_clip)
+    if parameters is None:
+        parameters = lora.adapter_parameters(model, args.objective)
+    torch.nn.utils.clip_grad_norm_(parameters, args.grad_clip)
     optimizer.step()
     model.eval()                                           # nothing downstream sees the LoRA dropout
     return {"loss": loss.item(), "reward": reward.mean().item(),
-            "kl": ((kl * mask).sum(1)).mean().item(), "tokens": mask.sum(1).mean().item()}
+            "kl": ((kl * mask).sum(1)).mean().item(), "tokens": mask.sum(1).mean().item(),
+            "scores": dict(zip(names, scores.mean(0).tolist()))}
 
 
 # ----------------------------------------------------------------------------- the training loop
