@@ -325,7 +325,7 @@ def train_job(job) -> list[dict]:
         run_args = copy.copy(args)
         run_args.objective, run_args.device = objective, device
         run_dir = files.run_folder(args.runs, objective, args.seed)
-        if args.objective == "all":  # the log lines below say no objective: a header per run
+        if getattr(args, "objective", None) == "all":  # the log lines below say no objective: a header per run
             print(f"== train {objective} ({args.objectives.index(objective) + 1}/{len(args.objectives)}) "
                   f"on {device} -> {run_dir}", flush=True)
         model, tokenizer = load_policy(run_args)
