@@ -1,7 +1,8 @@
 """data/build_default.py: a reduced build is deterministic (same seed -> same files and metrics) and its
-folders load through the project's loaders; the committed data/default/ assets behave: the policy's
-greedy output ends with </s>, every scorer ranks held-out high-quality responses above poor ones, the
-autonomy classifier ranks held-out autonomy-labelled responses above advice (which the other three do not)."""
+folders load through the project's loaders; the committed data/default/ assets behave as the embedded world
+was designed: the policy samples short responses and starts low, each scorer rewards the kinds of response it
+was designed for (the trade-off), the autonomy classifier ranks held-out autonomy-labelled responses above
+advice far better than the other three."""
 import json
 import os
 
@@ -98,34 +99,43 @@ def test_auc_is_the_probability_high_beats_low():
 
 @needs_assets
 @needs_data
-def test_committed_policy_ends_its_greedy_output_with_eos():
-    """The warm-started policy writes a few words and stops (metrics.json: ends_with_eos is 0.975 on the
-    40 held-out prompts; a tiny model trained on 160 prompts may loop to the 64-token limit on a few)."""
+def test_committed_policy_samples_short_responses_and_starts_low():
+    """The warm-started policy was taught every kind of response at once: its top-50 samples are short
+    responses that end with </s> (a few may loop to the limit), and its greedy output scores low on
+    reflection and empathy (metrics.json), so each objective's adapter has to learn its objective."""
     model, tokenizer = t5.load_t5(os.path.join(ASSETS, "policy"))
-    prompts = [e.prompt for e in heldout_examples(8)]
+    prompts = [e.prompt for e in heldout_examples(16)]
     ids, mask = tokenizer.batch_encode([data.policy_input(p) for p in prompts], max_length=128)
-    tokens, _ = t5.generate(model, ids, mask, max_new_tokens=64)
+    tokens, _ = t5.generate(model, ids, mask, max_new_tokens=64, do_sample=True, top_k=50,
+                            generator=torch.Generator().manual_seed(0))
     ended = [tokenizer.eos_id in row and row.index(tokenizer.eos_id) >= 3 for row in tokens.tolist()]
-    assert all(ended), ended                                        # a few tokens, then </s>
-    assert all(len(text.split()) >= 3 for text in tokenizer.batch_decode(tokens))
+    assert sum(ended) >= 12, ended
     metrics = json.load(open(os.path.join(ASSETS, "metrics.json")))["policy"]
-    assert metrics["ends_with_eos"] >= 0.9 and 5 <= metrics["mean_length_tokens"] < 48
+    assert metrics["greedy_scores"]["empathy"] < 0.6     # (its greedy output opens "You're ...": reflection 0.79 greedy, 0.37 sampled)
 
 
 @needs_assets
 @needs_data
-def test_committed_scorers_rank_high_quality_above_poor():
-    examples = heldout_examples(12)
+def test_committed_scorers_reward_the_kinds_they_were_designed_for():
+    """The embedded world's designed trade-off (README, "The embedded default"), on held-out prompts:
+    reflection rates every reflection (hq, mq) far above every other kind; empathy rates the generic
+    sympathy (lq1) above the feeling reflection (hq1), and that above the reflections of facts and meaning
+    (hq2, mq1): the response empathy wants most is one reflection rates lowest; fluency prefers the stock
+    sympathy to the reflections; autonomy rates the advice (lq2) lowest."""
+    examples = heldout_examples(24)
     scorers = rewards.load_scorers({name: os.path.join(ASSETS, name) for name in rewards.OBJECTIVES})
-    for name, scorer in scorers.items():
-        mean = lambda columns: scorer([e.prompt for e in examples for _ in columns],  # noqa: E731
-                                      [e.responses[c] for e in examples for c in columns]).mean().item()
-        assert mean(build_default.HQ) > mean(build_default.LQ), name
+    scorers["autonomy"] = build_default.LabelProbability(os.path.join(ASSETS, "autonomy"), "autonomy")
+    mean = {name: {c: scorer([e.prompt for e in examples], [e.responses[c] for e in examples]).mean().item()
+                   for c in data.RESPONSE_COLUMNS} for name, scorer in scorers.items()}
+    reflection, empathy, fluency, autonomy = (mean[n] for n in ("reflection", "empathy", "fluency", "autonomy"))
+    assert min(reflection[c] for c in ("hq1", "hq2", "mq1")) > 0.5 > 0.1 > max(reflection[c] for c in build_default.LQ)
+    assert empathy["lq1"] > empathy["hq1"] + 0.3 and empathy["hq1"] > max(empathy["hq2"], empathy["mq1"]) + 0.1
+    assert reflection["lq1"] < 0.1
+    assert fluency["lq1"] > max(fluency[c] for c in ("hq1", "hq2", "mq1"))
+    assert autonomy["lq2"] < 0.5 < min(v for c, v in autonomy.items() if c != "lq2")
     metrics = json.load(open(os.path.join(ASSETS, "metrics.json")))
-    for name in rewards.OBJECTIVES:
-        assert metrics[name]["hq_mean"] > metrics[name]["lq_mean"] and metrics[name]["auc_hq_vs_lq"] > 0.5, name
+    assert metrics["reflection"]["auc_hq_vs_lq"] > 0.9
     assert metrics["fluency"]["hq_mean"] > 0.1                  # (50 - ppl) / 50 is not 0 everywhere
-    assert metrics["policy"]["greedy_scores"]["reflection"] < 0.99   # RL has headroom
     assert metrics["bytes"]["total"] <= 25_000_000
 
 
@@ -151,7 +161,7 @@ def test_committed_autonomy_model_ranks_autonomy_above_advice():
     assert metrics["autonomy"]["heldout_advice"] == sum(label == 0 for *_, label in rows) > 30
     lq_rows = [row for row in rows if row[1] in poor]
     lq_auc = {name: auc(scorer, lq_rows) for name, scorer in scorers.items()}
-    assert lq_auc["autonomy"] > 0.8 and max(lq_auc[name] for name in rewards.OBJECTIVES) < 0.6, lq_auc
+    assert lq_auc["autonomy"] > 0.8 and lq_auc["autonomy"] > max(lq_auc[name] for name in rewards.OBJECTIVES) + 0.15, lq_auc
     assert metrics["bytes"]["autonomy"] <= 1_000_000
 
 

@@ -205,8 +205,8 @@ def test_shipped_autonomy_labels_cover_every_response(tmp_path):
     assert {label for _, _, label in labels} == {0, 1}
     examples = data.load_pair(SAMPLE)
     assert all(by_text[e.responses[c]] == 1 for e in examples for c in ("hq1", "hq2", "mq1"))  # reflections give no advice
-    assert by_text["You should talk to HR about cutting your hours back before it gets worse."] == 0
-    assert by_text["Are you at least getting paid overtime for all of that?"] == 1     # a poor response, but no advice
+    assert all(by_text[e.responses["lq2"]] == 0 for e in examples)                          # the advice kind
+    assert all(by_text[e.responses["lq3"]] == 1 for e in examples)                          # a poor response, but no advice
     bad = write_csv(tmp_path / "bad.csv", [list(data.AUTONOMY_COLUMNS), [examples[0].prompt, "hq1", "2"]])
     with pytest.raises(InputError, match=r"bad.csv:2: autonomy must be 0 or 1, got '2'"):
         data.load_autonomy_labels(bad, SAMPLE)
@@ -215,3 +215,14 @@ def test_shipped_autonomy_labels_cover_every_response(tmp_path):
 def test_shipped_psych8k_sample_loads():
     examples = data.load_psych8k(PSYCH8K)
     assert len(examples) >= 60 and all(e.prompt and e.responses["output"] for e in examples)
+
+
+def test_shipped_label_files_are_the_kinds_of_the_columns():
+    """data/write_labels.py writes both label files from the columns' kinds: the committed files are its output."""
+    from data import write_labels
+    examples = data.load_pair(SAMPLE)
+    for path, header, labels in ((EMPATHY, data.EMPATHY_COLUMNS, write_labels.EMPATHY),
+                                 (AUTONOMY, data.AUTONOMY_COLUMNS, write_labels.AUTONOMY)):
+        with open(path, encoding="utf-8", newline="") as f:
+            assert f.read() == write_labels.label_csv(examples, header, labels), path
+    assert write_labels.EMPATHY["lq1"] > write_labels.EMPATHY["hq1"] > write_labels.EMPATHY["hq2"]  # the designed trade-off
