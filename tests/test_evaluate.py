@@ -249,7 +249,7 @@ def recorded_evaluate(tmp_path, monkeypatch):
             self.seed = seed
             return self
 
-    def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, aggregate=None, generator=None):
+    def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, aggregate=None, generator=None, max_new_tokens=64):
         calls.append(dict(model=model, prompts=list(prompts), batch_size=batch_size, device=device, adapter=adapter,
                           aggregate=aggregate, generator=None if generator is None else (generator.device, generator.seed)))
         return [f"reply number {len(calls)} to {p}" for p in prompts]
