@@ -114,13 +114,13 @@ def test_round_two_starts_from_the_soup_and_its_kl_reference_is_the_base_without
     with torch.no_grad():
         base_logits = model.eval()(ids, mask, decoder)
     run_dir = tmp_path / "iterative-0"
-    checked, seen = [], set()
+    checked, seen = [], []
     real_step = scst.scst_step
 
     def probing_step(model_, tokenizer_, scorers, optimizer, prompts, weights, args, generator, reference):
         name = args.objective
-        first = id(optimizer) not in seen                       # a round's first step: each round a new optimiser
-        seen.add(id(optimizer))
+        first = not any(o is optimizer for o in seen)          # a round's first step: each round a new optimiser
+        seen.append(optimizer)                                 # (kept alive, so no id is reused)
         if first and all(p.abs().max() == 0 for n, p in scst.adapter_tensors(model_, name) if ".lora_B." in n):
             tensors, metadata = iterative.read_soup(str(run_dir / iterative.SOUP_FILE)) if (run_dir / iterative.SOUP_FILE).exists() else ({}, {})
             souped = copy.deepcopy(model)                   # W0 + Δ by hand, from the soup file of round 1

@@ -12,7 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMORL = os.path.join(ROOT, "emorl.py")
-SMALL = ["--sample", "0.25", "--batch-size", "4", "--seed", "0"]
+SMALL = ["--sample", "0.0834",  # 50 of the 600 sample prompts: 40 train, 5 aggregation, 5 inference
+          "--batch-size", "4", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_train_search_generate_evaluate(assets, tmp_path):
         assert [json.loads(line)["prompts"] for line in lines[::3]] == [5, 5]   # the whole aggregation split
         assert all(json.loads(line)["reward"] < 0 for line in lines[1:3])     # log of a clipped score
 
-    out = emorl("search", *model_flags(assets), "--sample", "0.25", "--runs", "runs", "--iterations", "1",
+    out = emorl("search", *model_flags(assets), "--sample", "0.0834", "--runs", "runs", "--iterations", "1",
                 "--batch-size", "8", cwd=tmp_path)
     result = json.loads((tmp_path / "search.json").read_text())
     assert len(result["evaluations"]) == 19                  # 3^3 grid, w = 0 skipped, one decode per ray
@@ -62,7 +63,7 @@ def test_train_search_generate_evaluate(assets, tmp_path):
                  "--policy", str(assets / "policy"), "--runs", "runs", cwd=tmp_path)
     assert len(text.splitlines()) == 1                      # one reply (a reduced build's policy may say nothing)
 
-    table = emorl("evaluate", *model_flags(assets), "--sample", "0.25", "--runs", "runs", cwd=tmp_path)
+    table = emorl("evaluate", *model_flags(assets), "--sample", "0.0834", "--runs", "runs", cwd=tmp_path)
     for method in ("base", "reflection", "empathy", "fluency", "param", "logit", "hidden"):
         assert f"| {method} |" in table
     assert (tmp_path / "evaluate.csv").read_text().count("\n") == 8
