@@ -546,10 +546,7 @@ def restore(path, settings, router, optimizer, generator, out_dir, args) -> dict
         saved, state = checkpoint["settings"], checkpoint["state"]
     except Exception as e:                                  # noqa: BLE001 - any unpickling failure
         raise InputError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart") from None
-    for key, value in settings.items():
-        if saved.get(key) != value:
-            raise InputError(f"{path}: this router was started with {key} {saved.get(key)}, not {value}; "
-                             f"resume with the same settings or delete {out_dir}")
+    scst.check_settings(path, saved, settings, out_dir)           # one line naming the flag, as train's resume
     if args.steps < state["step"]:
         raise InputError(f"{path}: --steps {args.steps} is below the {state['step']} steps already done")
     router.load_tensors(checkpoint["router"], path)

@@ -309,10 +309,7 @@ def load_checkpoint(run_dir: str, settings: dict) -> dict | None:
         saved = state["settings"]
     except Exception as e:                                # noqa: BLE001 - any unpickling failure
         raise InputError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to restart the run") from None
-    for key, value in settings.items():
-        if saved.get(key) != value:
-            raise InputError(f"{path}: this run was started with {key} {saved.get(key)}, not {value}; resume with the "
-                             f"same settings or delete {run_dir}")
+    scst.check_settings(path, saved, settings, run_dir)           # one line naming the flag, as train's resume
     return state
 
 

@@ -19,23 +19,10 @@ import lora
 import t5
 from files import InputError, load_safetensors
 
+from test_scst import WORDS, make_tiny  # the tiny T5 and its vocabulary, one definition
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = "you feel tired and worried about work family sleep the of a it is that so much right now".split()
 OBJECTIVES = ["reflection", "empathy", "fluency"]
-
-
-def make_tiny(folder):
-    import sentencepiece as spm
-    rng = random.Random(0)
-    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
-    (folder / "corpus.txt").write_text("\n".join(sentences))
-    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=40,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram", minloglevel=2)
-    tokenizer = t5.T5Tokenizer(str(folder / "spiece.model"))
-    config = t5.T5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1,
-                         num_decoder_layers=1, num_heads=2, dropout_rate=0.0)
-    torch.manual_seed(0)
-    return t5.T5ForConditionalGeneration(config), tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -215,7 +215,7 @@ def test_resume_refuses_other_settings(tiny, tmp_path):
 
     with pytest.raises(Killed):
         run(tiny, tmp_path / "r", scorers=dict(SCORERS, empathy=dying))
-    with pytest.raises(InputError, match="merge_every"):
+    with pytest.raises(InputError, match="started with --merge-every 1, not 2"):
         run(tiny, tmp_path / "r", merge_every=2, max_steps=2)
 
 

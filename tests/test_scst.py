@@ -191,10 +191,9 @@ def test_dynaopt_weights_leave_uniform_while_one_objective_keeps_improving(tmp_p
 WORDS = "you feel tired and worried about work family sleep the of a it is that so much right now".split()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def make_tiny(folder):
+    """A 1+1-layer T5 (d_model 16) and a 40-piece SentencePiece tokenizer trained on WORDS, written in `folder`."""
     import sentencepiece as spm
-    folder = tmp_path_factory.mktemp("tiny_t5")
     rng = random.Random(0)
     sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
     (folder / "corpus.txt").write_text("\n".join(sentences))
@@ -204,8 +203,12 @@ def tiny(tmp_path_factory):
     config = t5.T5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1,
                          num_decoder_layers=1, num_heads=2, dropout_rate=0.0)
     torch.manual_seed(0)
-    model = t5.T5ForConditionalGeneration(config)
-    return model, tokenizer
+    return t5.T5ForConditionalGeneration(config), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny_t5"))
 
 
 def length_scorer(prompts, responses):
