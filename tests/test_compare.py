@@ -27,17 +27,7 @@ NAMES = ["reflection", "empathy", "fluency"]
 
 
 # ----------------------------------------------------------------------------- a tiny world
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from data import build_default
-    out = tmp_path_factory.mktemp("default")
-    build_default.build(str(out), seed=0, scale=0.02)
-    return out
-
-
-def model_flags(assets):
-    return ["--policy", str(assets / "policy"), "--reflection", str(assets / "reflection"),
-            "--empathy", str(assets / "empathy"), "--fluency", str(assets / "fluency")]
+from test_pipeline import assets, model_flags  # noqa: E402,F401  (the reduced build and its flags, one definition)
 
 
 @pytest.fixture(scope="module")
