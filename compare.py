@@ -20,7 +20,8 @@ Algorithm 1 at the plain mean (§4.2), then
   §6 claims  each verdict computed from the numbers measured here (`claims`), never written by hand.
 `compare` (issue 24; MORL-P §2.2, methods-spec §4-§6): for each preference λ of a grid (HoE App. E.5:
 11 points for d = 2, 13 for d = 3; a simplex of step 1/4 for d >= 4) or --preferences FILE, the
-policy each method of METHODS gives for λ, decoded one way for all (greedy, or --decoding sample) and
+policy each method of METHODS gives for λ (EMORL, Rewarded Soups, single-policy runs; HoE and IterativeRS
+through hoe.compare_point, iterative.compare_point), decoded one way for all (greedy, or --decoding sample) and
 scored on the inference split: per-objective scores, the weighted score Σ λ_i s_i (MORL-P metric 1),
 diversity-2, edit rate, data points, seconds; per method the hypervolume (reference 0 and the base
 model's scores), front coverage (the share of its points non-dominated in the union of all methods'
@@ -29,7 +30,8 @@ Both commands write the objective relationships (MORL-P §2.2): Spearman's ρ of
 every pair of objectives on the base model's and each objective adapter's greedy generations.
 
 Outputs (the folder layout, every table) are described in docs/reproduce.md and docs/compare.md; every
-file is written atomically, a stage whose file exists is skipped, and the scst runs resume.
+file is written atomically, a stage whose file exists is skipped, and the runs resume. Stage 1 (every
+scst run) runs in --jobs processes (emorl.train_jobs, as `train all --jobs`).
 
 Deviations from the papers / public code:
 - EMORL's data points in Table 1 count the search as evaluations × aggregation prompts beside the
@@ -40,6 +42,8 @@ Deviations from the papers / public code:
   of its own would have cost (its evaluations' recorded seconds), not the cache's marginal cost.
 - The single-policy runs at λ validate (and stop by the CV rule) on the plain mean of the scores, as
   Uniform does; their reward is Σ λ_i log clip(s_i) (scst.py, args.preference).
+- HoE's one-time cost (build + router, hoe.consumption) counts the build's rescale decodes in seconds
+  only, where the searched EMORL rows count their decodes as data points too.
 """
 from __future__ import annotations
 
@@ -57,19 +61,19 @@ from tqdm import tqdm
 
 import evaluate
 import files
+import hoe
+import iterative
 import lora
 import report
 import rewards
 import scst
 import search
+from evaluate import mean_std
 from files import InputError
 
 PROTOCOLS = {"authors": False, "greedy": True}  # evaluate.evaluate's greedy flag
 LABELS = {"base": "base", "uniform": "Uniform", "dynaopt": "DynaOpt", "param": "Model Soups (param)",
           "logit": "EMORL logit", "hidden": "EMORL hidden"}
-HOE_GRID_3 = [(0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (0.1, 0.1, 0.8), (0.1, 0.8, 0.1), (0.2, 0.2, 0.6), (0.2, 0.4, 0.4),
-              (0.2, 0.6, 0.2), (1 / 3, 1 / 3, 1 / 3), (0.4, 0.4, 0.2), (0.4, 0.2, 0.4), (0.6, 0.2, 0.2), (0.8, 0.1, 0.1),
-              (1.0, 0.0, 0.0)]  # HoE App. E.5 (its (0.33, 0.33, 0.33) taken as exactly 1/3 each, to sum to 1)
 
 
 # ----------------------------------------------------------------------------- small pure helpers
@@ -91,10 +95,6 @@ def check_settings(path, settings):
                          "use the same flags or another --out")
 
 
-def mean_std(values, integer=False) -> str:
-    return evaluate.mean_std(list(values), integer)
-
-
 def simplex(d, steps) -> list[tuple]:
     """Every λ with entries in {0, 1/steps, ..., 1} summing to 1, lexicographic."""
     return [tuple(k / steps for k in c) for c in itertools.product(range(steps + 1), repeat=d) if sum(c) == steps]
@@ -104,7 +104,7 @@ def preference_grid(d) -> list[tuple]:
     """HoE App. E.5: 11 points for two objectives, its 13 for three; a simplex of step 1/4 beyond (35 for 4)."""
     if d == 2:
         return [(k / 10, 1 - k / 10) for k in range(11)]
-    return list(HOE_GRID_3) if d == 3 else simplex(d, 4)
+    return [tuple(map(float, p)) for p in hoe.E5_PREFERENCES] if d == 3 else simplex(d, 4)
 
 
 def check_preferences(rows, d, source) -> list[tuple]:
@@ -180,12 +180,12 @@ def seed_args(args, seed):
 
 
 def train_stage(args, known, methods):
-    """Every (seed, method) scst run, one after another; emorl.train_job skips finished runs, resumes others."""
+    """Every (seed, method) scst run, in --jobs processes (emorl.train_jobs); finished runs are skipped, others resume."""
     import emorl
-    for seed, method in tqdm([(s, m) for s in args.seeds for m in methods], desc="stage 1: train", unit="run"):
-        a = seed_args(args, seed)
-        emorl.prepare_output(os.path.join(a.runs, f"{method}-{seed}", "adapter"), f"--out {args.out}")
-        emorl.train_job((a, [(method, args.device)], known))
+    plan = [(seed_args(args, seed), [(method, args.device)], known) for seed in args.seeds for method in methods]
+    for a, [(method, _)], _ in plan:
+        emorl.prepare_output(os.path.join(a.runs, f"{method}-{a.seed}", "adapter"), f"--out {args.out}")
+    emorl.train_jobs(plan, args.jobs, desc="stage 1: train")
 
 
 def summaries(args, seed, methods) -> dict:
@@ -424,15 +424,16 @@ class World(NamedTuple):
     folder: str            # OUT/seed-<s>/compare
 
 
-def measure(world, preference, adapter=None, aggregate=None) -> dict:
+def measure(world, preference, adapter=None, aggregate=None, decode=None) -> dict:
     """Decode the inference split once (greedy, or top-50 sampled with generator seed = the seed) and
-    score it: per-objective scores, the weighted score Σ λ_i s_i, diversity-2, edit rate, seconds."""
+    score it: per-objective scores, the weighted score Σ λ_i s_i, diversity-2, edit rate, seconds.
+    decode(prompts, generator) -> texts, when given, decodes instead of the adapter / aggregate (HoE's routing)."""
     args, prompts = world.args, [e.prompt for e in world.splits["inference"]]
     generator = torch.Generator(device=args.device).manual_seed(world.seed) if args.decoding == "sample" else None
     start = time.perf_counter()
-    texts = evaluate.generate_texts(world.model, world.tokenizer, prompts, args.decode_batch_size, args.device,
-                                    adapter=adapter, aggregate=aggregate, generator=generator,
-                                    max_new_tokens=args.max_new_tokens)
+    texts = (decode or (lambda prompts, generator: evaluate.generate_texts(
+        world.model, world.tokenizer, prompts, args.decode_batch_size, args.device, adapter=adapter, aggregate=aggregate,
+        generator=generator, max_new_tokens=args.max_new_tokens)))(prompts, generator)
     seconds = time.perf_counter() - start
     row = evaluate.metrics(world.scorers, prompts, texts, args.names)
     scores = [row[n] for n in args.names]
@@ -486,22 +487,30 @@ def weights_are_preference(level):
     return point
 
 
-def single_policy(world, index, preference):
-    """A Uniform-style run with the reward Σ λ_i log clip(s_i) (scst.py), only at the λ the budget picks."""
+def budgeted_run(world, index, name, train, **settings):
+    """(folder, summary) of a run at λ where --single-policy-budget picks λ (else None): train(model, tokenizer, scorers,
+    train split, validation prompts, the seed's args + `settings`, OUT/seed-<s>/compare/runs/<name>-<s>/), resumable."""
     import emorl
     args = world.args
     if index not in single_policy_indices(args.preferences, args.single_policy_budget):
         return None
     run_args = seed_args(args, world.seed)
-    run_args.objective, run_args.preference = "uniform", list(preference)
-    run_dir = os.path.join(world.folder, "runs", f"pref{index}-{world.seed}")
+    vars(run_args).update(settings)
+    run_dir = os.path.join(world.folder, "runs", f"{name}-{world.seed}")
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
         model, tokenizer = emorl.load_policy(run_args)
         scorers = emorl.load_scorers(run_args, list(dict.fromkeys([*emorl.SCORER_NAMES, *args.names])), args.known)
         validation = [e.prompt for e in world.splits["aggregation"][: args.val_prompts]]
-        scst.train(model, tokenizer, scorers, world.splits["train"], validation, run_args, run_dir)
-    summary = files.read_json(os.path.join(run_dir, "summary.json"))
+        train(model, tokenizer, scorers, world.splits["train"], validation, run_args, run_dir)
+    return run_dir, files.read_json(os.path.join(run_dir, "summary.json"))
+
+
+def single_policy(world, index, preference):
+    """A Uniform-style run with the reward Σ λ_i log clip(s_i) (scst.py), only at the λ the budget picks."""
     name = f"pref{index}"
+    if (run := budgeted_run(world, index, name, scst.train, objective="uniform", preference=list(preference))) is None:
+        return None
+    run_dir, summary = run
     if name not in lora.adapter_names(world.model):
         lora.load_adapter(world.model, os.path.join(run_dir, "adapter"), name)
     row = measure(world, preference, adapter=name)
@@ -516,8 +525,6 @@ class Method(NamedTuple):
     point: Callable        # (world, λ index, λ) -> row, or None where the method is not run at that λ
 
 
-# IterativeRS (runs/iterative-<seed>) and HoE (hoe.py) join as one entry each: a point function that
-# returns measure(...) plus "data points" and "seconds" for λ (see docs/compare.md).
 METHODS = {
     "hidden-search": Method("EMORL hidden, searched", "meta-policy (hidden-state aggregation)",
                             "a search on the aggregation split + a decode", emorl_searched("hidden")),
@@ -531,6 +538,10 @@ METHODS = {
                     weights_are_preference("param")),
     "single": Method("single-policy, reward Σ λ_i log s_i", "single-policy (fixed weights)", "a training run",
                      single_policy),
+    "hoe": Method("HoE (routed LoRA experts)", "meta-policy (learned routing over LoRA experts)",
+                  "a decode (preference routing)", hoe.compare_point),
+    "iterative": Method("IterativeRS, w = λ", "single-policy by preference (one soup per w), bi-level in training",
+                        "a training run (T/m rounds)", iterative.compare_point),
 }
 
 
@@ -538,17 +549,21 @@ METHODS = {
 def compare(args):
     """`python emorl.py compare`: the objective adapters, then every method × λ × seed, then the report."""
     args.known = known = setup(args)
-    d = len(args.names)
-    args.preferences = read_preferences(args.preferences, d) if args.preferences else preference_grid(d)
+    args.preferences = read_preferences(args.preferences, len(args.names)) if args.preferences else preference_grid(len(args.names))
     args.methods = [m.strip() for m in args.methods.split(",")]
     if unknown := [m for m in args.methods if m not in METHODS]:
         raise InputError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
+    if "hoe" in args.methods:                                   # the flags of hoe and iterative, before any work
+        hoe.parse_numbers(args.hoe_rescales, "--hoe-rescales", positive=True)
+    if "iterative" in args.methods:
+        iterative.check_plan(args.names, None, args.merge_every, args.iterative_steps, None)
     check_settings(os.path.join(args.out, "compare-settings.json"), {
         "command": "compare", **{k: getattr(args, k) for k in ("names", "preferences", "methods", "iterations", "decoding",
-                                                               "single_policy_budget", "max_steps", "sample", "split_seed")},
+                                                               "single_policy_budget", "max_steps", "sample", "split_seed",
+                                                               "hoe_rescales", "hoe_steps", "merge_every", "iterative_steps")},
         "data": search.fingerprint(args.data), "policy": search.fingerprint(args.policy)})
     train_stage(args, known, args.names)
-    rows, base, correlations = [], {}, []
+    rows, base, correlations, once = [], {}, [], {}
     for seed in args.seeds:
         model, tokenizer, scorers, splits = load_world(args, known, seed)
         world = World(args, seed, model, tokenizer, scorers, splits, os.path.join(args.out, f"seed-{seed}", "compare"))
@@ -564,12 +579,14 @@ def compare(args):
                     files.write_json(path, done)
                 if done[str(index)] is not None:
                     rows.append({"method": key, "seed": seed, "index": index, "preference": list(preference), **done[str(index)]})
+        if "hoe" in args.methods:       # the build and the router, once per seed (hoe.consumption, no objective run)
+            once[seed] = hoe.consumption(hoe.load_hoe(model, os.path.join(args.out, f"seed-{seed}", "hoe")), [])
     summary = summarise(args, rows, base)
     out = {"objectives": args.names, "seeds": args.seeds, "decoding": args.decoding, "preferences": args.preferences,
            "methods": {k: {"label": METHODS[k].label, "taxonomy": METHODS[k].taxonomy,
                            "one more preference": METHODS[k].new_preference} for k in args.methods}, "base": base,
            "reference points": {"zero": [0.0] * len(args.names), "base": mean_vector([base[s]["scores"] for s in args.seeds])},
-           "summary": summary, "costs": costs(args, rows), "correlations": correlations, "rows": rows}
+           "summary": summary, "costs": costs(args, rows, once), "hoe build and router": once, "correlations": correlations, "rows": rows}
     files.write_json(os.path.join(args.out, "compare.json"), out)
     fronts = {METHODS[k].label: [mean_vector([r["scores"] for r in rows if r["method"] == k and r["index"] == i])
                                  for i in range(len(args.preferences)) if any(r["method"] == k and r["index"] == i for r in rows)]
@@ -610,11 +627,11 @@ def summarise(args, rows, base) -> dict:
             for key, m in per.items()}
 
 
-def costs(args, rows) -> dict:
+def costs(args, rows, once) -> dict:
     """Measured: one more λ (the mean data points and seconds of one of the method's points, over λ × seeds);
     one more objective (EMORL: one objective run, measured, + for searched rows a (d+1)-objective search
-    estimated as its evaluation bound × the measured seconds per evaluation; single-policy: every trained λ
-    again)."""
+    estimated as its evaluation bound × the measured seconds per evaluation; HoE: one objective run + its build and
+    router (`once`, per seed, measured at d); single-policy and IterativeRS: every trained λ again)."""
     d, out = len(args.names), {}
     runs = [s for seed in args.seeds for s in summaries(args, seed, args.names).values()]
     one_run = {"data points": statistics.fmean(s["data_points"] for s in runs), "seconds": statistics.fmean(s["wall_seconds"] for s in runs)}
@@ -623,7 +640,7 @@ def costs(args, rows) -> dict:
         if not mine:
             continue
         preference = {c: statistics.fmean(r[c] for r in mine) for c in ("data points", "seconds")}
-        if key == "single":
+        if key in ("single", "iterative"):
             per_seed = len(mine) / len(args.seeds)
             objective = {c: preference[c] * per_seed for c in preference} | {"how": f"{per_seed:g} run(s) at d + 1 retrained (measured per run at d)"}
         elif key.endswith("-search"):
@@ -632,6 +649,8 @@ def costs(args, rows) -> dict:
             prompts = mine[0]["data points"] / mine[0]["evaluations"]   # the aggregation split
             objective = {"data points": one_run["data points"] + bound * prompts, "seconds": one_run["seconds"] + bound * per_eval,
                          "how": f"one objective run (measured) + a d + 1 search: <= {bound} evaluations x {per_eval:.2f} s (estimated)"}
+        elif key == "hoe":
+            objective = {c: one_run[c] + statistics.fmean(o[c] for o in once.values()) for c in one_run} | {"how": "one objective run + the experts' build + the router's training (measured at d)"}
         else:
             objective = dict(one_run) | {"how": "one objective run (measured); the weights are λ"}
         out[key] = {"one more preference": preference, "one more objective": objective}
@@ -654,9 +673,12 @@ def compare_markdown(args, out) -> str:
         cells = [mean_std(m[c]["values"]) for c in ("hypervolume (ref 0)", "hypervolume (ref base)", "coverage", "weighted score",
                                                     "diversity-2", "edit rate")]
         md.append(f"| {METHODS[key].label} | {METHODS[key].taxonomy} | {mean_std(m['points']['values'], True)} | " + " | ".join(cells) + " |")
-    if "single" in args.methods:
-        md.append(f"\nsingle-policy trained at λ = {', '.join(lam(args.preferences[i]) for i in trained) or 'none'} "
+    for key in [k for k in ("single", "iterative") if k in args.methods]:
+        md.append(f"\n{METHODS[key].label} trained at λ = {', '.join(lam(args.preferences[i]) for i in trained) or 'none'} "
                   f"(--single-policy-budget {args.single_policy_budget}).")
+    if "hoe" in args.methods:
+        md.append(f"\nHoE: hoe build's experts (rescales {args.hoe_rescales}), one router at λ = "
+                  f"{lam(hoe.default_router_preference(len(names)))}, {args.hoe_steps} steps.")
     md += ["\n## Weighted score Σ λ_i s_i per preference (mean ± std over seeds)\n",
            "| λ | " + " | ".join(METHODS[k].label for k in summary) + " |", "|---|" + "---|" * len(summary)]
     for i, p in enumerate(args.preferences):

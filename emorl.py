@@ -358,6 +358,24 @@ def exit_with_parent(parent_pid):
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def train_jobs(plan, jobs, desc=None) -> list[dict]:
+    """train_job for each job of `plan`, here or in `jobs` spawned processes (train all --jobs, reproduce / compare)."""
+    import multiprocessing
+    from tqdm import tqdm
+    jobs = min(jobs, len(plan))
+    if jobs == 1:
+        return [summary for job in tqdm(plan, desc, unit="job", disable=desc is None) for summary in train_job(job)]
+    # The jobs share the machine's cores: each gets its share of torch threads (the spawned processes read
+    # OMP_NUM_THREADS when they import torch), not all of them each, unless the caller set it.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    with multiprocessing.get_context("spawn").Pool(jobs, exit_with_parent, (os.getpid(),)) as pool:  # an error stops every job
+        done = tqdm(pool.imap_unordered(train_job, plan), desc, len(plan), unit="job", disable=desc is None)
+        summaries = [summary for finished in done for summary in finished]
+        pool.close()
+        pool.join()
+    return summaries
+
+
 def cmd_train_iterative(args, known):
     """train iterative: IterativeRS ([IRS] Algorithm 1) into RUNS/iterative-<seed>/ (iterative.py)."""
     import iterative
@@ -404,18 +422,9 @@ def cmd_train(args):
     # Job j trains objectives j, j + N, j + 2N, ... on devices[j mod len(devices)].
     plan = [(args, [(name, devices[j % len(devices)]) for name in objectives[j::jobs]], known) for j in range(jobs)]
     started = time.time()
-    if jobs == 1:
-        summaries = train_job(plan[0])
-    else:
-        import multiprocessing
+    if jobs > 1:
         print(f"training {', '.join(objectives)} in {jobs} processes on {', '.join(devices)}", flush=True)
-        # The jobs share the machine's cores: each gets its share of torch threads (the spawned processes read
-        # OMP_NUM_THREADS when they import torch), not all of them each, unless the caller set it.
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-        with multiprocessing.get_context("spawn").Pool(jobs, exit_with_parent, (os.getpid(),)) as pool:  # an error stops every job
-            summaries = [summary for done in pool.imap_unordered(train_job, plan) for summary in done]
-            pool.close()
-            pool.join()
+    summaries = train_jobs(plan, jobs)
     if len(objectives) > 1 and summaries:
         print(f"trained {len(summaries)} runs in {jobs} process(es): {time.time() - started:.1f}s wall; "
               f"Eq. (3) counts the longest run, {max(s['wall_seconds'] for s in summaries):.1f}s")
@@ -543,20 +552,15 @@ def cmd_evaluate(args):
     print(markdown + f"({len(prompts)} inference prompts; {args.out}.md, {args.out}.csv)")
 
 
-def cmd_reproduce(args):
+def cmd_reproduce_or_compare(args):
     import compare
-    compare.reproduce(args)
+    getattr(compare, args.command)(args)         # compare.reproduce, compare.compare
 
-
-def cmd_compare(args):
-    import compare
-    compare.compare(args)
 
 def cmd_hoe(args):
     """hoe build: LoRA experts from the objective adapters; hoe train: one router expert (hoe.py)."""
     import hoe
     import torch
-    from files import InputError
     torch.manual_seed(args.seed)
     known = known_scorers(args)
     names = parse_objectives(args.objectives, known)
@@ -564,25 +568,14 @@ def cmd_hoe(args):
     if args.action == "build":
         merged = hoe.parse_merged(args.merged, len(names))
         rescales = hoe.parse_numbers(args.rescales, "--rescales", positive=True)
-        adapters = adapter_dirs(args, names)
-        prompts = [e.prompt for e in load_splits(args)["aggregation"]]
-        model, tokenizer = load_policy(args)
-        load_adapters(model, adapters, names)
-        hoe.build_experts(model, tokenizer, load_scorers(args, names, known), names, prompts, args.out, merged, args.rank,
-                          args.prune, rescales, args.batch_size, args.device, sources=[os.path.dirname(a) for a in adapters])
+        hoe.build(args, names, adapter_dirs(args, names), load_scorers(args, names, known),
+                  [e.prompt for e in load_splits(args)["aggregation"]], merged, rescales)
         return
     preference = hoe.parse_preference(args.preference, len(names)) if args.preference else hoe.default_router_preference(len(names))
     if args.ideal is not None:
         args.ideal = hoe.parse_numbers(args.ideal, "--ideal", count=len(names))
-    prompts = [e.prompt for e in load_splits(args)["train"]]
-    model, tokenizer = load_policy(args)
-    experts = hoe.load_hoe(model, args.out)
-    if experts.objectives != names:
-        raise InputError(f"{args.out}/hoe.json was built for {','.join(experts.objectives)}, not --objectives {','.join(names)}")
-    name = "router_" + "_".join(f"{x:.4g}".replace(".", "p") for x in preference)
-    summary = hoe.train_router(model, tokenizer, load_scorers(args, names, known), experts, preference, prompts, args,
-                               os.path.join(args.out, "routers", name))
-    print(f"router {name}: {summary['steps']} steps, {summary['data_points']} data points, {summary['wall_seconds']}s, "
+    summary = hoe.train(args, names, load_scorers(args, names, known), [e.prompt for e in load_splits(args)["train"]], preference)
+    print(f"router {hoe.router_name(preference)}: {summary['steps']} steps, {summary['data_points']} data points, {summary['wall_seconds']}s, "
           f"{summary['trainable_parameters']} trainable parameters")
 
 
@@ -689,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seeds", metavar="S,S,...", help="training seeds (default: --seed alone)")
         sub.add_argument("--out", default=out, help="output folder (resumable), relative to the current directory")
         sub.add_argument("--decode-batch-size", type=positive, default=16, help="prompts decoded at once")
+        sub.add_argument("--jobs", type=positive, default=1, help="stage 1: train the (seed, method) runs in N processes, "
+                         "as train all --jobs (the same adapters as --jobs 1)")
 
     reproduce = commands.add_parser("reproduce", help="the paper's Tables 1-3, Figures 3 and 5 and claims, per seed "
                                                       "(compare.py)")
@@ -696,21 +691,26 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--iterations", type=positive, default=5, help="refinement iterations of Algorithm 1")
     reproduce.add_argument("--generation-runs", type=positive, default=3, help="sampled runs per single-policy method "
                            "(the authors' protocol)")
-    reproduce.set_defaults(func=cmd_reproduce)
+    reproduce.set_defaults(func=cmd_reproduce_or_compare)
 
     compare_cmd = commands.add_parser("compare", help="every method over a preference grid: fronts, hypervolume, "
                                                       "costs (compare.py)")
     add_orchestration_flags(compare_cmd, "compare")
     compare_cmd.add_argument("--preferences", metavar="FILE", help="one preference per line, d comma-separated weights "
                              "summing to 1 (default: HoE's grid: 11 points for d = 2, 13 for 3, step 1/4 beyond)")
-    compare_cmd.add_argument("--methods", default="hidden-search,logit-search,hidden,logit,soups,single",
-                             help="comma-separated methods of compare.METHODS")
+    compare_cmd.add_argument("--methods", default="hidden-search,logit-search,hidden,logit,soups,single,hoe",
+                             help="methods of compare.METHODS; iterative (IterativeRS) only when asked: it trains")
     compare_cmd.add_argument("--iterations", type=positive, default=3, help="Algorithm 1's iterations per preference")
     compare_cmd.add_argument("--decoding", choices=["greedy", "sample"], default="greedy",
                              help="one protocol for every method: greedy (HoE's), or top-50 sampling (seeded)")
     compare_cmd.add_argument("--single-policy-budget", type=integer(0), default=1,
-                             help="single-policy runs per seed, at the preferences nearest the centre")
-    compare_cmd.set_defaults(func=cmd_compare)
+                             help="single-policy (and iterative) runs per seed, at the preferences nearest the centre")
+    compare_cmd.add_argument("--hoe-rescales", default="1", help="hoe: the experts' rescale candidates (hoe build "
+                             "--rescales; 1: no choice to decode for, keeps compare cheap)")
+    compare_cmd.add_argument("--hoe-steps", type=positive, default=64, help="hoe: SCST steps of its router (hoe train --steps)")
+    compare_cmd.add_argument("--merge-every", type=positive, default=40, help="iterative: m, steps between merges")
+    compare_cmd.add_argument("--iterative-steps", type=positive, default=160, help="iterative: T, steps of each run")
+    compare_cmd.set_defaults(func=cmd_reproduce_or_compare)
 
     convert = commands.add_parser("convert", help="turn a .pt/.bin scorer checkpoint into safetensors, or the authors' "
                                                   "LoRA .npz into a PEFT-layout adapter")

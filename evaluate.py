@@ -99,22 +99,26 @@ def searched_objectives(result, objectives) -> list[str]:
     return list(objectives)
 
 
+def sampling(generator) -> dict:
+    """generate's decoding flags: greedy (generator None), or top-50 sampling at temperature 1 with `generator`."""
+    return dict(do_sample=generator is not None, top_k=TOP_K if generator is not None else 0, generator=generator)
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts, batch_size, device, adapter=None, aggregate=None, generator=None,
                    max_new_tokens=64) -> list[str]:
     """Generations for `prompts`: one adapter (None = base model), or aggregate=(names, weights, level).
     Greedy, or top-50 sampling at temperature 1 when a torch.Generator is given."""
     model.eval()
-    sampling = dict(do_sample=generator is not None, top_k=TOP_K if generator is not None else 0, generator=generator)
     texts = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = data.encode_prompts(tokenizer, prompts[start:start + batch_size], device)
         if aggregate is not None:
             tokens = search.ensemble_generate(model, aggregate[0], aggregate[1], ids, mask, level=aggregate[2],
-                                              max_new_tokens=max_new_tokens, **sampling)
+                                              max_new_tokens=max_new_tokens, **sampling(generator))
         else:
             lora.set_adapter(model, adapter)
-            tokens = t5.generate(model, ids, mask, max_new_tokens=max_new_tokens, **sampling)[0]
+            tokens = t5.generate(model, ids, mask, max_new_tokens=max_new_tokens, **sampling(generator))[0]
         texts += tokenizer.batch_decode(tokens)
     return texts
 

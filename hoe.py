@@ -18,8 +18,9 @@ Paper map (§ = sections of the HoE paper; /work/shared/methods-spec.md §2 read
   §3.3, Eq. (9)-(10)       nearest (the N experts nearest to λ_user), convex_coefficients (ω_r)
   §3.4, Eq. (11)-(12)      routing_plan, gate: ω_l(x) = Σ_r ω_r softmax(W_rᵀx + b_r); O(x) = W x + Σ_i ω_l,i B_i A_i x,
                            per token and per module (lora.routed_adapters); at_preference, decode_at (greedy, E.5)
-Files: `hoe build` writes OUT/hoe.json + OUT/experts/<name>/ (PEFT layout); `hoe train` writes
-OUT/routers/<name>/ (router.safetensors, summary.json, train.jsonl, train.log; checkpoint.pt while running).
+Files: `hoe build` (build) writes OUT/hoe.json + OUT/experts/<name>/ (PEFT layout); `hoe train` (train) writes
+OUT/routers/<name>/ (router.safetensors, summary.json, train.jsonl, train.log; checkpoint.pt while running);
+`compare --methods ...,hoe` runs both per seed into its OUT/seed-<s>/hoe/ (compare_point).
 
 Deviations from the paper (no public code exists; docs/hoe.md has every choice and why):
 - Experts come from this project's LoRA adapters (τ_i is rank r), not from full fine-tuned models.
@@ -60,9 +61,9 @@ from files import InputError
 
 PRUNE = 0.4                     # App. D.1: the 40 % smallest-magnitude entries, model-wide
 RESCALES = (0.5, 1.0, 1.5, 2.0)  # candidates of the rescale factor (the paper's math expert: 1.9)
-# App. E.5: the 13 three-objective evaluation preferences.
+# App. E.5: the 13 three-objective evaluation preferences (its (0.33, 0.33, 0.33) as exactly 1/3 each, to sum to 1).
 E5_PREFERENCES = [(0, 0, 1), (0, 1, 0), (0.1, 0.1, 0.8), (0.1, 0.8, 0.1), (0.2, 0.2, 0.6), (0.2, 0.4, 0.4),
-                  (0.2, 0.6, 0.2), (0.33, 0.33, 0.33), (0.4, 0.4, 0.2), (0.4, 0.2, 0.4), (0.6, 0.2, 0.2),
+                  (0.2, 0.6, 0.2), (1 / 3, 1 / 3, 1 / 3), (0.4, 0.4, 0.2), (0.4, 0.2, 0.4), (0.6, 0.2, 0.2),
                   (0.8, 0.1, 0.1), (1, 0, 0)]
 
 
@@ -372,14 +373,17 @@ def at_preference(model, hoe: HoE, preference, n: int | None = None):
 
 
 @torch.no_grad()
-def decode_at(model, tokenizer, prompts, preference, hoe: HoE, batch_size=16, device="cpu", max_new_tokens=64) -> list[str]:
-    """Greedy responses (App. E.5) of HoE at `preference` (a list of d numbers on the simplex)."""
+def decode_at(model, tokenizer, prompts, preference, hoe: HoE, batch_size=16, device="cpu", max_new_tokens=64,
+              generator=None) -> list[str]:
+    """Greedy responses (App. E.5) of HoE at `preference` (a list of d numbers on the simplex); with a
+    torch.Generator, top-50 sampled as evaluate samples (compare --decoding sample)."""
     model.eval()
     texts = []
     with at_preference(model, hoe, preference):
         for start in range(0, len(prompts), batch_size):
             ids, mask = data.encode_prompts(tokenizer, prompts[start:start + batch_size], device)
-            texts += tokenizer.batch_decode(t5.generate(model, ids, mask, max_new_tokens=max_new_tokens)[0])
+            texts += tokenizer.batch_decode(t5.generate(model, ids, mask, max_new_tokens=max_new_tokens,
+                                                        **evaluate.sampling(generator))[0])
     return texts
 
 
@@ -432,6 +436,57 @@ def consumption(hoe: HoE, source_summaries: list[dict]) -> dict:
     return {"data points": data_points, "seconds": round(seconds, 2),
             "trainable parameters": sum(p.numel() for e in hoe.routers for p in e.router.parameters()),
             "expert parameters": hoe.consumption.get("expert_parameters")}
+
+
+# ----------------------------------------------------------------------------- the commands, and compare's `hoe` row
+def router_name(preference) -> str:
+    return "router_" + "_".join(f"{x:.4g}".replace(".", "p") for x in preference)
+
+
+def build(args, names, adapters, scorers, prompts, merged, rescales) -> dict:
+    """`hoe build` into args.out: the experts of the adapters' objectives and at `merged` (rescales chosen on `prompts`)."""
+    import emorl
+    model, tokenizer = emorl.load_policy(args)
+    emorl.load_adapters(model, adapters, names)
+    return build_experts(model, tokenizer, scorers, names, prompts, args.out, merged, args.rank, args.prune, rescales,
+                         args.batch_size, args.device, sources=[os.path.dirname(a) for a in adapters])
+
+
+def train(args, names, scorers, prompts, preference) -> dict:
+    """`hoe train`: the router expert at `preference` over the HoE of args.out, into args.out/routers/<router_name>/."""
+    import emorl
+    model, tokenizer = emorl.load_policy(args)
+    experts = load_hoe(model, args.out)
+    if experts.objectives != names:
+        raise InputError(f"{args.out}/hoe.json was built for {','.join(experts.objectives)}, not --objectives {','.join(names)}")
+    return train_router(model, tokenizer, scorers, experts, preference, prompts, args,
+                        os.path.join(args.out, "routers", router_name(preference)))
+
+
+def compare_point(world, index, preference) -> dict:
+    """compare's `hoe` row at λ: HoE's routing decoded by compare.measure, 0 data points (one more λ is a decode).
+    Once per seed, skipped when done: `hoe build` (its defaults, --hoe-rescales) from the seed's objective adapters into
+    OUT/seed-<s>/hoe/, `hoe train` at the default preference (its defaults, --hoe-steps, compare's shared SCST flags)."""
+    import compare
+    import emorl
+    args, d = world.args, len(world.args.names)
+    h = emorl.build_parser().parse_args(["hoe", "train"])                 # hoe's flag defaults
+    vars(h).update({k: getattr(args, k) for k in ("policy", "device", "batch_size", "samples_per_prompt", "max_new_tokens",
+                                                  "beta", "grad_clip", "top_k")},
+                   seed=world.seed, steps=args.hoe_steps, out=os.path.join(args.out, f"seed-{world.seed}", "hoe"))
+    emorl.prepare_output(h.out, f"--out {args.out}")                     # a killed run's temporary files
+    if not os.path.exists(os.path.join(h.out, "hoe.json")):
+        runs = compare.seed_args(args, world.seed).runs
+        build(h, args.names, [os.path.join(runs, f"{n}-{world.seed}", "adapter") for n in args.names], world.scorers,
+              [e.prompt for e in world.splits["aggregation"]], parse_merged(h.merged, d),
+              parse_numbers(args.hoe_rescales, "--hoe-rescales", positive=True))
+    if not os.path.exists(os.path.join(h.out, "routers", router_name(default_router_preference(d)), "summary.json")):
+        train(h, args.names, world.scorers, [e.prompt for e in world.splits["train"]], default_router_preference(d))
+    experts = load_hoe(world.model, h.out)                                # beside the objective adapters
+    row = compare.measure(world, preference, decode=lambda prompts, generator: decode_at(
+        world.model, world.tokenizer, prompts, preference, experts, args.decode_batch_size, args.device, args.max_new_tokens, generator))
+    return {**row, "plan": [[w, e.name] for w, e in routing_plan(experts, preference)], "data points": 0,
+            "seconds": row["decode seconds"]}
 
 
 # ----------------------------------------------------------------------------- router training (§3.2, D.3)

@@ -468,3 +468,21 @@ def write_summary(run_dir, state, args, rounds, num_train, validation_prompts, e
                "hyperparameters": {k: getattr(args, k, None) for k in SETTINGS}}
     files.write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
+
+
+def compare_point(world, index, preference) -> dict | None:
+    """compare's `iterative` row (compare.py): one run at w = λ with --merge-every m and --iterative-steps T, only at
+    the λ --single-policy-budget picks (compare.budgeted_run: OUT/seed-<s>/compare/runs/iterative-pref<i>-<s>/,
+    resumed if killed); its soup decoded at λ as evaluate's `iterative` row (a fresh base, load_soup, no adapter)."""
+    import compare
+    import emorl
+    run = compare.budgeted_run(world, index, f"{METHOD}-pref{index}", train_iterative, objective=METHOD, weights=list(preference),
+                               max_steps=world.args.iterative_steps, subset=None, selective=False, select_prompts=None)
+    if run is None:
+        return None
+    run_dir, summary = run
+    model, _ = emorl.load_policy(world.args)
+    load_soup(model, run_dir)
+    row = compare.measure(world._replace(model=model), preference)
+    return {**row, "data points": summary["data_points"], "seconds": round(summary["wall_seconds"] + row["decode seconds"], 3),
+            "parallel seconds": round(summary["parallel_seconds"] + row["decode seconds"], 3)}

@@ -1,7 +1,10 @@
 """compare.py: the preference-weighted search at λ = 1/d is the plain search, a one-hot λ decodes as
-that objective's adapter (EMORL hidden / logit, Rewarded Soups), hypervolume and Spearman's ρ against
-hand computation, the grids, the claims' verdicts follow the numbers, bad preference files give one
-`error:` line, and reproduce / compare resume after kill -9 to the same outputs."""
+that objective's adapter (EMORL hidden / logit, Rewarded Soups) and, for HoE, as that objective's expert
+(with its trained router present), hypervolume and Spearman's ρ against hand computation, the grids, the
+claims' verdicts follow the numbers, bad preference files give one `error:` line, HoE and IterativeRS rows
+(IterativeRS only at the budgeted λ), reproduce / compare resume after kill -9 to the same outputs, and
+--jobs 2 trains the same adapter bytes as --jobs 1."""
+import copy
 import json
 import math
 import os
@@ -16,6 +19,7 @@ import torch
 import compare
 import emorl
 import evaluate
+import hoe
 import lora
 import report
 import search
@@ -101,6 +105,31 @@ def test_searched_emorl_reuses_decodes_across_preferences(world, tmp_path):
     best = max(cache.values(), key=lambda r: r["scores"][2])["scores"][2]
     assert second["evaluations"] == 19 and search.scalarise(  # the best ray for fluency alone was chosen
         next(r["scores"] for r in cache.values() if r["scores"][2] == best), (0.0, 0.0, 1.0)) == best
+
+
+def test_hoe_at_a_one_hot_preference_decodes_as_that_objectives_expert(world, tmp_path):
+    """compare's `hoe` row: built from the seed's adapters (on disk), a router trained at (0.25, 0.25, 0.5); at λ = e_i
+    the routing plan is expert i alone, so HoE's texts are those of adapter expert_<i> decoded alone (task-SVD of
+    objective i's adapter, 40 % pruned), and the row's scores are that adapter's."""
+    for name in NAMES:
+        lora.save_adapter(world.model, name, str(tmp_path / "seed-0" / "runs" / f"{name}-0" / "adapter"))
+    w = world._replace(model=copy.deepcopy(world.model), folder=str(tmp_path / "seed-0" / "compare"),
+                       args=_with(world.args, out=str(tmp_path), hoe_steps=2, batch_size=4))
+    prompts = [e.prompt for e in w.splits["inference"]]
+    texts = {}
+    for i, name in enumerate(NAMES):
+        one_hot = tuple(1.0 if j == i else 0.0 for j in range(3))
+        row = hoe.compare_point(w, i, one_hot)
+        experts = hoe.load_hoe(w.model, str(tmp_path / "seed-0" / "hoe"))
+        assert [r.preference for r in experts.routers] == [[0.25, 0.25, 0.5]]              # the router is there
+        assert row["plan"] == [[1.0, f"expert_{name}"]] and row["data points"] == 0
+        texts[name] = evaluate.generate_texts(w.model, w.tokenizer, prompts, 16, "cpu", adapter=f"expert_{name}",
+                                              max_new_tokens=12)
+        assert hoe.decode_at(w.model, w.tokenizer, prompts, one_hot, experts, 16, "cpu", 12) == texts[name]
+        assert row["scores"] == compare.measure(w, one_hot, adapter=f"expert_{name}")["scores"]
+    assert len({tuple(t) for t in texts.values()}) > 1                  # the experts differ: the check can fail
+    router = hoe.compare_point(w, 3, (0.25, 0.25, 0.5))                  # the router's own λ: the router alone
+    assert router["plan"] == [[1.0, "router_0p25_0p25_0p5"]]
 
 
 def _with(args, **changes):
@@ -207,10 +236,10 @@ def test_reproduce_and_compare_resume_after_kill_9(assets, tmp_path):
     prefs = tmp_path / "prefs.txt"
     prefs.write_text("1,0\n0.5,0.5\n0,1\n")
     reproduce = ["reproduce", *model_flags(assets), *SMALL, "--generation-runs", "1"]
-    comparison = ["compare", *model_flags(assets), *SMALL, "--preferences", str(prefs)]
+    comparison = ["compare", *model_flags(assets), *SMALL, "--preferences", str(prefs), "--hoe-steps", "2"]
     for folder in ("straight", "killed"):
         (tmp_path / folder).mkdir()
-    run([*reproduce, "--out", "out"], tmp_path / "straight")
+    run([*reproduce, "--out", "out", "--jobs", "2"], tmp_path / "straight")          # its 4 runs in 2 processes
     run([*comparison, "--out", "out"], tmp_path / "straight")
     killed = tmp_path / "killed" / "out"
     stopped = [not run([*reproduce, "--out", "out"], tmp_path / "killed", kill_when=killed / "seed-0" / "search.json"),
@@ -218,6 +247,8 @@ def test_reproduce_and_compare_resume_after_kill_9(assets, tmp_path):
                        kill_when=killed / "seed-0" / "compare" / "cache-hidden.json")]
     run([*reproduce, "--out", "out"], tmp_path / "killed")
     run([*comparison, "--out", "out"], tmp_path / "killed")
+    for method in ("reflection", "empathy", "uniform", "dynaopt"):                  # --jobs 2 = --jobs 1
+        assert same_run(tmp_path / "straight" / "out", killed, f"seed-0/runs/{method}-0")
     if not any(stopped):
         pytest.skip("every run finished before it could be killed")
     for name in ("reproduce.json", "compare.json"):
@@ -229,5 +260,44 @@ def test_reproduce_and_compare_resume_after_kill_9(assets, tmp_path):
     assert (killed / "figure3.svg").read_text().startswith("<svg") and (killed / "seed-0" / "search.svg").exists()
     assert (killed / "fronts.svg").read_text().count('class="point"') > 0
     result = json.loads((killed / "compare.json").read_text())
-    assert {r["method"] for r in result["rows"]} == set(compare.METHODS)
+    methods = emorl.build_parser().parse_args(["compare"]).methods.split(",")
+    assert {r["method"] for r in result["rows"]} == set(methods) == set(compare.METHODS) - {"iterative"}
     assert [r["index"] for r in result["rows"] if r["method"] == "single"] == [1]           # budget 1: the centre
+
+
+def same_run(a, b, run_dir) -> bool:
+    """The same adapter bytes and the same summary.json (wall-clock fields aside) in two output folders."""
+    adapter = "adapter/adapter_model.safetensors"
+    return ((a / run_dir / adapter).read_bytes() == (b / run_dir / adapter).read_bytes()
+            and untimed(json.loads((a / run_dir / "summary.json").read_text()))
+            == untimed(json.loads((b / run_dir / "summary.json").read_text())))
+
+
+def test_compare_hoe_and_iterative_rows_and_jobs(assets, tmp_path):
+    """compare --methods hoe,iterative: HoE at every λ (a decode: 0 data points; its build and router as the cost of
+    one more objective), IterativeRS only at the λ the single-policy budget picks, its data points from its run;
+    --jobs 2 gives the objective runs of --jobs 1, bit for bit, and the same compare.json."""
+    prefs = tmp_path / "prefs.txt"
+    prefs.write_text("1,0\n0.5,0.5\n0,1\n")
+    comparison = ["compare", *model_flags(assets), *SMALL, "--preferences", str(prefs), "--methods", "hoe,iterative",
+                  "--hoe-steps", "2", "--merge-every", "1", "--iterative-steps", "2"]
+    run([*comparison, "--out", "two", "--jobs", "2"], tmp_path)
+    run([*comparison, "--out", "one"], tmp_path)
+    for name in ("reflection", "empathy"):
+        assert same_run(tmp_path / "two", tmp_path / "one", f"seed-0/runs/{name}-0")
+    result = json.loads((tmp_path / "two" / "compare.json").read_text())
+    assert untimed(result) == untimed(json.loads((tmp_path / "one" / "compare.json").read_text()))
+    rows = {m: [r for r in result["rows"] if r["method"] == m] for m in ("hoe", "iterative")}
+    assert [r["index"] for r in rows["hoe"]] == [0, 1, 2] and all(r["data points"] == 0 for r in rows["hoe"])
+    assert rows["hoe"][0]["plan"] == [[1.0, "expert_reflection"]]
+    assert [r["index"] for r in rows["iterative"]] == [1] and "parallel seconds" in rows["iterative"][0]
+    assert rows["iterative"][0]["data points"] == 2 * 2 * 1 * 4              # rounds x experts x m x batch
+    assert (tmp_path / "two" / "seed-0" / "compare" / "runs" / "iterative-pref1-0" / "soup.safetensors").exists()
+    once = result["hoe build and router"]["0"]
+    assert once["data points"] == 2 * 4 and once["trainable parameters"] > 0      # the router: steps x batch
+    cost = result["costs"]
+    assert cost["hoe"]["one more objective"]["data points"] == 8 + 8             # one objective run (2 x 4) + router
+    assert cost["iterative"]["one more objective"]["data points"] == 16
+    md = (tmp_path / "two" / "compare.md").read_text()
+    assert "| HoE (routed LoRA experts) | meta-policy" in md and "| IterativeRS, w = λ | single-policy" in md
+    assert "IterativeRS, w = λ trained at λ = (0.5, 0.5)" in md
