@@ -70,24 +70,13 @@ E5_PREFERENCES = [(0, 0, 1), (0, 1, 0), (0.1, 0.1, 0.8), (0.1, 0.8, 0.1), (0.2, 
 # ----------------------------------------------------------------------------- preferences
 def parse_preference(text: str, d: int) -> list[float]:
     """"0.6,0.2,0.2" -> a point of the simplex (λ / Σλ); wrong count, negative, NaN, all zero: InputError."""
-    values = []
-    for part in str(text).split(","):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise InputError(f"preference '{text}': '{part.strip()}' is not a number") from None
-    values = search.check_weights(values, d, what=f"preference '{text}' ({d} objectives)")
+    values = search.check_weights(search.parse_floats(text, "preference"), d, what=f"preference '{text}' ({d} objectives)")
     return [v / sum(values) for v in values]
 
 
 def parse_numbers(text: str, what: str, count: int | None = None, positive: bool = False) -> list[float]:
     """"0.5,1,1.5" -> finite numbers (> 0 if positive; `count` of them if given); else InputError."""
-    values = []
-    for part in str(text).split(","):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise InputError(f"{what} '{text}': '{part.strip()}' is not a number") from None
+    values = search.parse_floats(text, what)
     if any(not math.isfinite(v) or (positive and v <= 0) for v in values):
         raise InputError(f"{what} '{text}': every value must be a finite number{' > 0' if positive else ''}")
     if count is not None and len(values) != count:

@@ -80,15 +80,20 @@ def check_weights(weights, d, what="weights", allow_zero=False) -> list[float]:
     return weights
 
 
-def parse_weights(text: str, d: int) -> list[float]:
-    """"0.8,0.5,0.05" -> [0.8, 0.5, 0.05]."""
+def parse_floats(text: str, what: str) -> list[float]:
+    """"0.8,0.5,0.05" -> [0.8, 0.5, 0.05]; a part that is not a number: InputError naming `what` and the part."""
     values = []
     for part in str(text).split(","):
         try:
             values.append(float(part))
         except ValueError:
-            raise InputError(f"weights '{text}': '{part.strip()}' is not a number") from None
-    return check_weights(values, d, what=f"weights '{text}'")
+            raise InputError(f"{what} '{text}': '{part.strip()}' is not a number") from None
+    return values
+
+
+def parse_weights(text: str, d: int) -> list[float]:
+    """"0.8,0.5,0.05" -> [0.8, 0.5, 0.05]."""
+    return check_weights(parse_floats(text, "weights"), d, what=f"weights '{text}'")
 
 
 def ray_key(weights):
