@@ -487,7 +487,7 @@ TRAIN_SETTINGS = ("preference", "experts", "seed", "batch_size", "samples_per_pr
 def routed_sample(model, input_ids, attention_mask, args, generator):
     """scst_step's sampler for HoE: top-k at temperature 1 through the routed modules (nothing to merge)."""
     return t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=args.top_k,
-                       max_new_tokens=args.max_new_tokens, generator=generator)[0]
+                       max_new_tokens=args.max_new_tokens, generator=generator, repeat=args.samples_per_prompt)[0]
 
 
 def prompt_batch(prompts, state, batch_size, seed) -> list[str]:

@@ -16,7 +16,9 @@ responses per aggregation prompt, eval mode; convergence when the CV of the last
 Each run draws from its own random state, seeded by (--seed, objective) (run_seed), as the authors'
 objectives each continue one global stream: no two objectives share a LoRA init, batch order or sample.
 Speed without changing the maths: sampling runs on the adapter merged into the weights (sample_responses),
-and the log-probs + KL carry a hand-written gradient (token_logprobs_and_kl, checked against autograd).
+the encoder runs once per prompt, not once per sample, wherever no dropout acts (sampling, validation, the
+reference pass: the same numbers), and the log-probs + KL carry a hand-written gradient (token_logprobs_and_kl,
+checked against autograd).
 
 Deviations from the paper / public code:
 - The public code computes its KL term under `no_grad` (and multiplies it by zero-mean advantages),
@@ -242,13 +244,14 @@ def validation_seed(seed: int, step: int) -> int:
 
 @torch.no_grad()
 def sample_responses(model, input_ids, attention_mask, args, generator) -> torch.Tensor:
-    """Responses drawn from the policy (top-k, temperature 1). Nothing is differentiated here, so the adapter
+    """args.samples_per_prompt responses per prompt (adjacent rows) drawn from the policy (top-k, temperature 1);
+    the encoder runs once per prompt (t5.generate's repeat). Nothing is differentiated here, so the adapter
     is merged into the weights for the draw (Eq. 4 with w = 1: one matmul per layer instead of three) and
     unmerged after (W0 copied back bit for bit); the loss's log-probs are recomputed unmerged.
     args.objective None: the model's weights as they are, every adapter off (IterativeRS's soup)."""
     with lora.merged(model, {args.objective: 1.0} if args.objective is not None else {}):
         return t5.generate(model, input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=args.top_k,
-                           max_new_tokens=args.max_new_tokens, generator=generator)[0]
+                           max_new_tokens=args.max_new_tokens, generator=generator, repeat=args.samples_per_prompt)[0]
 
 
 @torch.no_grad()
@@ -262,7 +265,7 @@ def validate(model, tokenizer, scorers, prompts, args, step: int) -> dict[str, f
     totals = torch.zeros(len(names), dtype=torch.float64)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        tokens = sample_responses(model, *encode_prompts(tokenizer, batch, args.device, repeat=k), args, generator)
+        tokens = sample_responses(model, *encode_prompts(tokenizer, batch, args.device), args, generator)
         scores = score(scorers, names, [p for p in batch for _ in range(k)], tokenizer.batch_decode(tokens))
         totals += rewards.clip(scores).double().sum(0)
     return {name: (total / (len(prompts) * k)).item() for name, total in zip(names, totals)}
@@ -284,16 +287,18 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, 
     also takes its soup off, iterative.py). `sample` draws the responses, `parameters` are the clipped ones
     (default: adapter args.objective); hoe.py passes its routed sampler and its routers' parameters."""
     device, k, names = args.device, args.samples_per_prompt, list(weights)
-    input_ids, attention_mask = encode_prompts(tokenizer, prompts, device, repeat=k)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)     # each prompt once
+    input_ids, attention_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
     model.eval()                                           # sampling: no dropout
-    tokens = sample(model, input_ids, attention_mask, args, generator)
+    tokens = sample(model, prompt_ids, prompt_mask, args, generator)
     responses = tokenizer.batch_decode(tokens)
     scores = score(scorers, names, [p for p in prompts for _ in range(k)], responses)
     reward = combine_rewards(scores, [weights[n] for n in names], args.combine).to(device)
     advantages = scst_advantages(reward.view(len(prompts), k)).view(-1)
     decoder_input_ids = shift_right(tokens, model.config.decoder_start_token_id)
     with torch.no_grad(), reference(model):                # first: a reference may swap weights in place
-        reference_logits = model(input_ids, attention_mask, decoder_input_ids)
+        encoded = model.encode(prompt_ids, prompt_mask).repeat_interleave(k, 0)  # no dropout: once per prompt
+        reference_logits = model.logits(model.decode(decoder_input_ids, encoded, attention_mask)[0])
     adapter_dropout_only(model)
     policy_logits = model(input_ids, attention_mask, decoder_input_ids)
     sampled, kl = token_logprobs_and_kl(policy_logits, reference_logits, tokens)

@@ -472,9 +472,12 @@ def decode_loop(next_logits, batch_size, *, max_new_tokens=64, start_id=0, eos_i
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, *, max_new_tokens=64, do_sample=False, temperature=1.0,
-             top_k=0, generator=None):
-    """Encode once, then decode one token per step with the KV cache. -> (tokens, logprobs)."""
-    encoder_hidden = model.encode(input_ids, attention_mask)
+             top_k=0, generator=None, repeat=1):
+    """Encode once, then decode one token per step with the KV cache. -> (tokens, logprobs).
+    repeat k: decode each prompt k times in adjacent rows (SCST's k samples): the encoder runs on the distinct
+    prompts only, a k-th of its work, and its output rows are copied k times (the numbers of encoding every copy)."""
+    encoder_hidden = model.encode(input_ids, attention_mask).repeat_interleave(repeat, 0)
+    attention_mask = attention_mask.repeat_interleave(repeat, 0)
     cache = KVCache(len(model.decoder.block), capacity=max_new_tokens)
 
     def next_logits(last):
@@ -483,7 +486,7 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens=64, do_sample=F
         return model.logits(hidden[:, -1])
 
     c = model.config
-    return decode_loop(next_logits, input_ids.shape[0], max_new_tokens=max_new_tokens,
+    return decode_loop(next_logits, attention_mask.shape[0], max_new_tokens=max_new_tokens,
                        start_id=c.decoder_start_token_id, eos_id=c.eos_token_id, pad_id=c.pad_token_id,
                        do_sample=do_sample, temperature=temperature, top_k=top_k, generator=generator,
                        device=input_ids.device)

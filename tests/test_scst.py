@@ -337,14 +337,17 @@ def test_sampling_is_top_k_in_training_and_validation(tiny):
 
 
 def test_sampling_on_merged_weights_draws_what_the_unmerged_policy_draws(tiny):
-    """scst.sample_responses merges the trained adapter for the draw: the same tokens as generate on the
-    unmerged policy with the same generator, another draw than the base model's, W0 back bit for bit."""
+    """scst.sample_responses merges the trained adapter for the draw and encodes each prompt once for its k
+    samples: the same tokens as generate on the unmerged policy with every copy of every prompt encoded, with
+    the same generator; another draw than the base model's; W0 back bit for bit."""
     model, tokenizer = tiny
     adapted = adapted_copy(model, perturb=True).eval()
+    once = scst.encode_prompts(tokenizer, [e.prompt for e in examples(6)], "cpu")
     ids, mask = scst.encode_prompts(tokenizer, [e.prompt for e in examples(6)], "cpu", repeat=3)
     before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
     args = make_args(max_new_tokens=12)
-    drawn = scst.sample_responses(adapted, ids, mask, args, torch.Generator().manual_seed(5))
+    drawn = scst.sample_responses(adapted, *once, args, torch.Generator().manual_seed(5))
+    assert drawn.shape[0] == 18
     unmerged, _ = t5.generate(adapted, ids, mask, do_sample=True, top_k=50, max_new_tokens=12,
                               generator=torch.Generator().manual_seed(5))
     assert torch.equal(drawn, unmerged)
