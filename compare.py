@@ -70,10 +70,9 @@ import scst
 import search
 from evaluate import mean_std
 from files import InputError
+from report import LABELS, claims
 
 PROTOCOLS = {"authors": False, "greedy": True}  # evaluate.evaluate's greedy flag
-LABELS = {"base": "base", "uniform": "Uniform", "dynaopt": "DynaOpt", "param": "Model Soups (param)",
-          "logit": "EMORL logit", "hidden": "EMORL hidden"}
 
 
 # ----------------------------------------------------------------------------- small pure helpers
@@ -312,59 +311,6 @@ def consumption_table(cost: dict, max_steps: int) -> str:
         steps = mean_std([r["steps"] for r in runs], True) if "steps" in runs[0] else "—"
         lines.append(f"| {LABELS.get(method, method)} | {len(done)}/{len(runs)}{note} | " + " | ".join(cells) + f" | {steps} |")
     return "\n".join(lines) + "\n"
-
-
-def average(rows, column="average") -> float:
-    return statistics.fmean(r[column] for r in rows)
-
-
-def verdict(holds) -> str:
-    return "reproduced" if holds else "not reproduced"
-
-
-def claims(t2: dict[str, dict], cost: dict, names, share=0.15) -> list[tuple[str, str, str, str]]:
-    """(claim, the paper's number, measured here, verdict) for each of the paper's claims this run can test;
-    t2 = {protocol: {label: rows}}. The verdict is computed: reproduced, not reproduced, or not measured."""
-    out = []
-    for protocol, rows in t2.items():
-        h, p, u, dy, b = (average(rows[LABELS[k]]) for k in ("hidden", "param", "uniform", "dynaopt", "base"))
-        div = {k: average(rows[LABELS[k]], "diversity-2") for k in ("hidden", "param", "uniform", "dynaopt")}
-        out += [(f"Table 2 ({protocol} protocol): EMORL hidden outperforms Model Soups on the average",
-                 "0.7907 vs 0.6982", f"{h:.4f} vs {p:.4f}", verdict(h > p)),
-                (f"Table 2 ({protocol} protocol): EMORL is comparable to Uniform and DynaOpt (within 0.05 of each)",
-                 "0.7907 vs 0.8397 / 0.8254", f"{h:.4f} vs {u:.4f} / {dy:.4f}", verdict(h >= max(u, dy) - 0.05)),
-                (f"Table 2 ({protocol} protocol): every multi-objective method improves on the base model",
-                 "base 0.33, others >= 0.70", f"base {b:.4f}, others {min(h, p, u, dy):.4f} to {max(h, p, u, dy):.4f}",
-                 verdict(min(h, p, u, dy) > b)),
-                (f"Table 1 ({protocol} protocol): EMORL has the highest diversity-2 of the fine-tuned models",
-                 "> 0.65 vs 0.35-0.43", ", ".join(f"{LABELS[k]} {v:.3f}" for k, v in div.items()),
-                 verdict(div["hidden"] > max(v for k, v in div.items() if k != "hidden")))]
-    data = {m: [r["data points"] for r in runs] for m, runs in cost.items()}
-    mean = {m: statistics.fmean(v) for m, v in data.items()}
-    std = {m: statistics.pstdev(v) for m, v in data.items()}
-    unconverged = [LABELS.get(m, m) for m, runs in cost.items() if not all(r["converged"] for r in runs)]
-    why = f"runs of {', '.join(unconverged)} stopped at --max-steps, not by the CV rule"
-    worst = max(names, key=mean.get)
-    measured = [(f"slowest objective ({worst}) {mean[worst]:,.0f} vs Uniform {mean['uniform']:,.0f} / DynaOpt "
-                 f"{mean['dynaopt']:,.0f}", mean[worst] < min(mean["uniform"], mean["dynaopt"])),
-                (f"{mean['EMORL (Eq. 3)']:,.0f} vs {mean['uniform']:,.0f} / {mean['dynaopt']:,.0f}",
-                 mean["EMORL (Eq. 3)"] < min(mean["uniform"], mean["dynaopt"])),
-                (f"± {std['EMORL (Eq. 3)']:,.0f} vs ± {std['uniform']:,.0f} / ± {std['dynaopt']:,.0f}",
-                 None if len(data["uniform"]) < 2 else std["EMORL (Eq. 3)"] < min(std["uniform"], std["dynaopt"]))]
-    for (claim, paper), (text, holds) in zip(
-            [("Table 3 / Figure 3: every single-objective run converges with less data than Uniform and DynaOpt",
-              "4,809-13,209 vs 23,398 / 31,328"), ("Table 1: EMORL (Eq. 3) needs less data than Uniform and DynaOpt",
-                                                   "17,529 vs 23,398 / 31,328"),
-             ("Table 1: EMORL's data consumption is more stable over seeds than Uniform's and DynaOpt's",
-              "± 1,650 vs ± 7,390 / ± 16,736")], measured):
-        out.append((claim, paper, why if unconverged else text + ("" if holds is not None else " (one seed)"),
-                    "not measured" if unconverged or holds is None else verdict(holds)))
-    weights = [r["weights"] for r in cost["EMORL (Eq. 3)"]]
-    mixed = [sum(w >= share * sum(ws) for w in ws) >= 2 for ws in weights]
-    out.append((f"Figure 5 / §6 explainability: the searched weights mix the adapters (>= 2 with >= {share:.0%} of Σw)",
-                "(0.8, 0.5, 0.05)", f"{sum(mixed)}/{len(mixed)} seeds: " +
-                "; ".join("(" + ", ".join(f"{w:.3g}" for w in ws) + ")" for ws in weights), verdict(all(mixed))))
-    return out
 
 
 def validation_curves(args, methods) -> dict:

@@ -34,6 +34,8 @@ import re
 import sys
 import time
 
+from files import Parser, device, devices, fraction, integer, number, positive, seed  # noqa: F401 (flag types)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ASSETS = os.path.join(HERE, "data", "default")
 DEFAULT_DATA = os.path.join(HERE, "data", "pair_sample.csv")
@@ -44,114 +46,6 @@ RESERVED = BASELINES + ("all", "iterative", "base", "param", "logit", "hidden", 
 # Plugged scorers the embedded default ships: objective -> (folder under DEFAULT_ASSETS, label scored).
 DEFAULT_PLUGGED = {"autonomy": ("autonomy", "autonomy")}
 OBJECTIVE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")   # a run folder <name>-<seed> and a LoRA adapter name
-
-
-# ----------------------------------------------------------------------------- flags, checked at parse time
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default beside its help text (a None default is explained in the text
-    itself, and an on/off switch's False says nothing), and descriptions as written."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse held to the project's error contract: one line `error: ...`, exit status 2, and a pointer
-    to --help. add_subparsers builds the sub-commands with this class too."""
-
-    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
-
-    def parse_args(self, args=None, namespace=None):
-        # argparse reports a sub-command's unknown flag from the top parser (`emorl.py --help`); the
-        # sub-command's own parser names its --help, which lists the flags it does take.
-        args, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            commands = getattr(self, "commands", None)  # set by build_parser
-            parser = commands.choices.get(getattr(args, "command", None), self) if commands else self
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return args
-
-    def parse_known_args(self, args=None, namespace=None):
-        # "--weights -1,0.5,0.5": argparse takes a value that starts with "-" for a flag and never shows the
-        # weight check's message; glue such a value to its flag ("--weights=-1,0.5,0.5") so it is parsed.
-        args, glued = list(sys.argv[1:] if args is None else args), []
-        while args:
-            arg = args.pop(0)
-            if arg == "--weights" and args and args[0][:1] == "-" and args[0][:2] != "--" and args[0] != "-h":
-                arg = f"--weights={args.pop(0)}"
-            glued.append(arg)
-        return super().parse_known_args(glued, namespace)
-
-
-def integer(low, high=None):
-    """argparse type: an integer in [low, high] (high None: no upper bound)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            if high is not None:
-                kind = f"an integer from {low} to {high}"
-            else:
-                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"must be {kind}, got {text}")
-        return value
-    return parse
-
-
-def number(low, high=None, low_open=False):
-    """argparse type: a finite float, > low (low_open) or >= low, and <= high when high is given."""
-    def parse(text):
-        import math
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
-            bound = ("> " if low_open else ">= ") + f"{low:g}" + (f" and <= {high:g}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
-        return value
-    return parse
-
-
-def device(text):
-    """argparse type: a torch device that exists on this machine (cpu, cuda, cuda:N, mps, ...)."""
-    if text == "cpu":
-        return text  # no torch import for the default
-    import torch
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine (torch {torch.__version__})")
-        if dev.index is not None and dev.index >= count:
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif dev.type == "meta":
-        raise argparse.ArgumentTypeError("meta: holds no data, cannot run a model")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(1, device=dev)
-        except (RuntimeError, AssertionError, NotImplementedError) as e:
-            raise argparse.ArgumentTypeError(f"{text}: not available on this machine ({' '.join(str(e).split())[:120]})") from None
-    return text
-
-
-def devices(text):
-    """argparse type for train: one device or a comma-separated list (one per --jobs process)."""
-    return ",".join(device(part.strip()) for part in text.split(","))
-
-
-positive = integer(1)
-seed = integer(0, 2**63 - 1)
-fraction = number(0.0, 1.0, low_open=True)
 
 
 def prepare_output(folder, what, names=None):
@@ -321,13 +215,13 @@ def train_job(job) -> list[dict]:
     # Validation records the built-ins and every objective trained here.
     names = list(dict.fromkeys([*SCORER_NAMES, *args.objectives, *(o for o, _ in runs if o not in BASELINES)]))
     scorers, summaries = {}, []
-    for objective, device in runs:
+    for objective, run_device in runs:
         run_args = copy.copy(args)
-        run_args.objective, run_args.device = objective, device
+        run_args.objective, run_args.device = objective, run_device
         run_dir = files.run_folder(args.runs, objective, args.seed)
         if getattr(args, "objective", None) == "all":  # the log lines below say no objective: a header per run
             print(f"== train {objective} ({args.objectives.index(objective) + 1}/{len(args.objectives)}) "
-                  f"on {device} -> {run_dir}", flush=True)
+                  f"on {run_device} -> {run_dir}", flush=True)
         model, tokenizer = load_policy(run_args)
         settings = scst.run_settings(run_args, model, splits["train"], validation_prompts)
         finished = scst.finished_summary(run_dir, run_args, settings)
@@ -335,9 +229,9 @@ def train_job(job) -> list[dict]:
             state = "converged" if finished["converged"] else f"stopped at --max-steps {finished['steps']}"
             print(f"{run_dir}: already finished ({state}); delete the folder to train again", flush=True)
             continue
-        if device not in scorers:
-            scorers[device] = load_scorers(run_args, names, known)
-        summary = scst.train(model, tokenizer, scorers[device], splits["train"], validation_prompts, run_args, run_dir)
+        if run_device not in scorers:
+            scorers[run_device] = load_scorers(run_args, names, known)
+        summary = scst.train(model, tokenizer, scorers[run_device], splits["train"], validation_prompts, run_args, run_dir)
         print(f"{objective}: {summary['steps']} steps, {summary['data_points']} data points, "
               f"{summary['wall_seconds']:.1f}s, converged {summary['converged']}, "
               f"reward {summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
@@ -376,28 +270,6 @@ def train_jobs(plan, jobs, desc=None) -> list[dict]:
     return summaries
 
 
-def cmd_train_iterative(args, known):
-    """train iterative: IterativeRS ([IRS] Algorithm 1) into RUNS/iterative-<seed>/ (iterative.py)."""
-    import iterative
-    from files import InputError
-    if "," in args.device:
-        raise InputError(f"--device {args.device}: train iterative runs on one device")
-    args.weights, args.subset = iterative.check_plan(args.objectives, args.weights, args.merge_every, args.max_steps, args.subset)
-    run_dir = os.path.join(args.runs, f"iterative-{args.seed}")
-    prepare_output(run_dir, f"--runs {args.runs}")
-    if os.path.exists(os.path.join(run_dir, "summary.json")):
-        print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
-        return
-    splits = load_splits(args)
-    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
-    scorers = load_scorers(args, list(dict.fromkeys([*SCORER_NAMES, *args.objectives])), known)
-    model, tokenizer = load_policy(args)
-    summary = iterative.train_iterative(model, tokenizer, scorers, splits["train"], validation_prompts, args, run_dir)
-    print(f"iterative: {summary['rounds']} rounds of {summary['merge_every']} steps, {summary['data_points']} data points, "
-          f"{summary['wall_seconds']:.1f}s serial, {summary['parallel_seconds']:.1f}s parallel (Eq. 3), reward "
-          f"{summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
-
-
 def cmd_train(args):
     import files
     from files import InputError
@@ -409,10 +281,11 @@ def cmd_train(args):
         if args.merge_every is None:
             raise InputError("train iterative: give --merge-every M, a divisor of --max-steps (the paper's summarization "
                              "runs merge T/m = 4 times)")
-        return cmd_train_iterative(args, known)
+        import iterative
+        return iterative.command(args, known)
     if given:
         raise InputError(f"train {args.objective}: {given[0]} is for train iterative")
-    devices = [device.strip() for device in args.device.split(",")]
+    devices = [part.strip() for part in args.device.split(",")]
     jobs = min(args.jobs, len(objectives))
     if len(devices) > jobs:
         raise InputError(f"--device {args.device}: {len(devices)} devices for {jobs} job(s); one device per job")

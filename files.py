@@ -7,6 +7,10 @@ longer than one sitting. Nothing here knows about the paper; the one project con
 the run folder layout, runs/<method>-<seed>/ (`run_folder`), that `train` writes and `search`, `generate`
 and `evaluate` read back (`find_runs`, `newest_adapters`): one place, so the writer and the readers agree.
 
+The command line's flag types live here too (`Parser`, `integer`, `number`, `device`, ...): they hold argparse
+to the same one-line error contract, and emorl.py stayed one sitting long without them. No torch import at
+load time (`emorl.py --help` stays instant).
+
 Conventions (README "Reliability"): bad input raises `InputError` with a message that names the file,
 key or value; `emorl.main` prints it on one line and exits with status 2. Every result file is written by
 `atomic_write` (temporary file in the same folder + fsync + rename), so a kill never leaves half a file,
@@ -14,13 +18,17 @@ and `remove_stale_temporaries` deletes what a kill between write and rename left
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
+import sys
 import tempfile
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are read or written
+    import torch
+    from torch import nn
 
 
 class InputError(ValueError):
@@ -153,6 +161,114 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source: str
         if tuple(value.shape) != tuple(expected[key].shape):
             raise InputError(f"{source}: key {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+# ----------------------------------------------------------------------------- flags, checked at parse time
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default beside its help text (a None default is explained in the text
+    itself, and an on/off switch's False says nothing), and descriptions as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse held to the project's error contract: one line `error: ...`, exit status 2, and a pointer
+    to --help. add_subparsers builds the sub-commands with this class too."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a sub-command's unknown flag from the top parser (`emorl.py --help`); the
+        # sub-command's own parser names its --help, which lists the flags it does take.
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            commands = getattr(self, "commands", None)  # set by build_parser
+            parser = commands.choices.get(getattr(args, "command", None), self) if commands else self
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args
+
+    def parse_known_args(self, args=None, namespace=None):
+        # "--weights -1,0.5,0.5": argparse takes a value that starts with "-" for a flag and never shows the
+        # weight check's message; glue such a value to its flag ("--weights=-1,0.5,0.5") so it is parsed.
+        args, glued = list(sys.argv[1:] if args is None else args), []
+        while args:
+            arg = args.pop(0)
+            if arg == "--weights" and args and args[0][:1] == "-" and args[0][:2] != "--" and args[0] != "-h":
+                arg = f"--weights={args.pop(0)}"
+            glued.append(arg)
+        return super().parse_known_args(glued, namespace)
+
+
+def integer(low, high=None):
+    """argparse type: an integer in [low, high] (high None: no upper bound)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            if high is not None:
+                kind = f"an integer from {low} to {high}"
+            else:
+                kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text}")
+        return value
+    return parse
+
+
+def number(low, high=None, low_open=False):
+    """argparse type: a finite float, > low (low_open) or >= low, and <= high when high is given."""
+    def parse(text):
+        import math
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = ("> " if low_open else ">= ") + f"{low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+    return parse
+
+
+def device(text):
+    """argparse type: a torch device that exists on this machine (cpu, cuda, cuda:N, mps, ...)."""
+    if text == "cpu":
+        return text  # no torch import for the default
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "meta":
+        raise argparse.ArgumentTypeError("meta: holds no data, cannot run a model")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, NotImplementedError) as e:
+            raise argparse.ArgumentTypeError(f"{text}: not available on this machine ({' '.join(str(e).split())[:120]})") from None
+    return text
+
+
+def devices(text):
+    """argparse type for train: one device or a comma-separated list (one per --jobs process)."""
+    return ",".join(device(part.strip()) for part in text.split(","))
+
+
+positive = integer(1)
+seed = integer(0, 2**63 - 1)
+fraction = number(0.0, 1.0, low_open=True)
 
 
 # ----------------------------------------------------------------------------- run folders

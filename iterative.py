@@ -470,6 +470,27 @@ def write_summary(run_dir, state, args, rounds, num_train, validation_prompts, e
     return summary
 
 
+def command(args, known):
+    """`train iterative`: IterativeRS (Algorithm 1) into RUNS/iterative-<seed>/, skipped when finished."""
+    import emorl
+    if "," in args.device:
+        raise InputError(f"--device {args.device}: train iterative runs on one device")
+    args.weights, args.subset = check_plan(args.objectives, args.weights, args.merge_every, args.max_steps, args.subset)
+    run_dir = os.path.join(args.runs, f"iterative-{args.seed}")
+    emorl.prepare_output(run_dir, f"--runs {args.runs}")
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        print(f"{run_dir}: already finished (summary.json); delete the folder to train again")
+        return
+    splits = emorl.load_splits(args)
+    validation_prompts = [e.prompt for e in splits["aggregation"][: args.val_prompts]]
+    scorers = emorl.load_scorers(args, list(dict.fromkeys([*emorl.SCORER_NAMES, *args.objectives])), known)
+    model, tokenizer = emorl.load_policy(args)
+    summary = train_iterative(model, tokenizer, scorers, splits["train"], validation_prompts, args, run_dir)
+    print(f"iterative: {summary['rounds']} rounds of {summary['merge_every']} steps, {summary['data_points']} data points, "
+          f"{summary['wall_seconds']:.1f}s serial, {summary['parallel_seconds']:.1f}s parallel (Eq. 3), reward "
+          f"{summary['initial_reward']:.4f} -> {summary['final_reward']:.4f}  ({run_dir})", flush=True)
+
+
 def compare_point(world, index, preference) -> dict | None:
     """compare's `iterative` row (compare.py): one run at w = λ with --merge-every m and --iterative-steps T, only at
     the λ --single-policy-budget picks (compare.budgeted_run: OUT/seed-<s>/compare/runs/iterative-pref<i>-<s>/,

@@ -178,13 +178,13 @@ def test_claims_follow_the_numbers():
     run = lambda data, conv=True: {"data points": data, "seconds": 1.0, "converged": conv, "steps": 1}  # noqa: E731
     cost = {"a": [run(100), run(120)], "b": [run(80), run(90)], "uniform": [run(400), run(600)],
             "dynaopt": [run(500), run(900)], "EMORL (Eq. 3)": [{**run(150), "weights": [0.5, 0.4]}, {**run(160), "weights": [1, 0]}]}
-    verdicts = [c[3] for c in compare.claims(t2, cost, ["a", "b"])]
+    verdicts = [c[3] for c in report.claims(t2, cost, ["a", "b"])]
     assert verdicts == ["reproduced"] * 7 + ["not reproduced"]              # one seed's weights are one adapter
     cost["EMORL (Eq. 3)"][1]["weights"] = [0.3, 0.7]
-    assert compare.claims(t2, cost, ["a", "b"])[-1][3] == "reproduced"
+    assert report.claims(t2, cost, ["a", "b"])[-1][3] == "reproduced"
     t2["greedy"]["EMORL hidden"] = rows(0.25, 0.1)
     cost["b"][1] = run(90, conv=False)
-    verdicts = [c[3] for c in compare.claims(t2, cost, ["a", "b"])]
+    verdicts = [c[3] for c in report.claims(t2, cost, ["a", "b"])]
     assert verdicts[:4] == ["not reproduced"] * 4 and verdicts[4:7] == ["not measured"] * 3
 
 
