@@ -120,12 +120,22 @@ def mixture_log_probs(logits, weights):
 
 
 @torch.no_grad()
+def ensemble_encode(model, adapter_names, input_ids, attention_mask):
+    """Every adapter's encoder output for the prompts, adapter-major [k·B, S, D], one forward: what the hidden and
+    logit levels decode from. It depends on the adapters, not on the weights, so make_objective encodes each
+    chunk of prompts once for every weight vector of a search."""
+    k, batch = len(adapter_names), input_ids.shape[0]
+    with lora.mixed_adapters(model, list(adapter_names), lora.adapter_major_rows(k, batch).to(input_ids.device)):
+        return model.encode(input_ids.repeat(k, 1), attention_mask.repeat(k, 1))
+
+
+@torch.no_grad()
 def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, level="hidden", max_new_tokens=64,
-                      do_sample=False, top_k=50, generator=None):
+                      do_sample=False, top_k=50, generator=None, encoded=None):
     """Tokens [B, T] from the adapters `adapter_names` combined with `weights` at `level` (see module
     docstring): greedy, or with do_sample=True drawn from the aggregated scores (top_k, temperature 1;
     the public code samples its parameter level so). Call model.eval() first: dropout is whatever
-    mode the model is in."""
+    mode the model is in. `encoded`: ensemble_encode's output for these prompts (hidden, logit), if already known."""
     if level not in LEVELS:
         raise InputError(f"aggregation level '{level}': expected one of {', '.join(LEVELS)}")
     names = list(adapter_names)
@@ -139,14 +149,15 @@ def ensemble_generate(model, adapter_names, weights, input_ids, attention_mask, 
     k = len(names)
     rows = lora.adapter_major_rows(k, batch).to(input_ids.device)  # row r runs adapter r // B
     w = torch.tensor(weights, dtype=model.shared.weight.dtype, device=input_ids.device).view(k, 1, -1)
+    if encoded is None:
+        encoded = ensemble_encode(model, names, input_ids, attention_mask)
     with lora.mixed_adapters(model, names, rows):
         mask = attention_mask.repeat(k, 1)
-        encoder_hidden = model.encode(input_ids.repeat(k, 1), mask)  # every adapter's encoder, one forward
         cache = None
 
         def next_logits(last_tokens):  # last_tokens [B]: the shared prefix's newest token
             nonlocal cache
-            hidden, cache = model.decode(last_tokens.repeat(k)[:, None], encoder_hidden, mask, cache)
+            hidden, cache = model.decode(last_tokens.repeat(k)[:, None], encoded, mask, cache)
             f = hidden[:, -1].view(k, batch, -1)  # f_i, adapter-major
             if level == "hidden":
                 return model.logits((w * f).sum(0))  # Eq. (2): H_LM(Σ w_i f_i)
@@ -261,18 +272,23 @@ def scalarise(scores, preference=None) -> float:
 def make_objective(model, tokenizer, adapter_names, scorers, prompts, level="hidden", batch_size=16,
                    max_new_tokens=64, device="cpu", preference=None):
     """objective(weights) -> (scalarise(clipped scores, preference): the plain mean by default, [mean clipped
-    score over `prompts` per scorer]), decoding policy_input(prompt) (≤ 128 tokens) with ensemble_generate;
+    score over `prompts` per scorer]), decoding policy_input(prompt) (≤ 128 tokens) with ensemble_generate
+    (hidden, logit: each chunk of prompts encoded once, ensemble_encode, for every weight vector);
     scorers in dict order."""
     if not prompts:
         raise InputError("grid search: the aggregation split has no prompts")
     model.eval()
     chunks = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    encoded = [data.encode_prompts(tokenizer, c, device) for c in chunks]
+    inputs = [data.encode_prompts(tokenizer, c, device) for c in chunks]
+    encoded = {}  # chunk -> ensemble_encode's output, at the first decode (hidden, logit: the weights do not change it)
 
     def objective(weights):
         totals = [0.0] * len(scorers)
-        for chunk, (ids, mask) in zip(chunks, encoded):
-            tokens = ensemble_generate(model, adapter_names, weights, ids, mask, level=level, max_new_tokens=max_new_tokens)
+        for i, (chunk, (ids, mask)) in enumerate(zip(chunks, inputs)):
+            if level != "param" and i not in encoded:
+                encoded[i] = ensemble_encode(model, adapter_names, ids, mask)
+            tokens = ensemble_generate(model, adapter_names, weights, ids, mask, level=level, max_new_tokens=max_new_tokens,
+                                       encoded=encoded.get(i))
             responses = tokenizer.batch_decode(tokens)
             for j, scorer in enumerate(scorers.values()):
                 totals[j] += float(rewards.clip(scorer(chunk, responses).float()).sum())  # as el_aggregation.py:160

@@ -798,7 +798,7 @@ def test_ensemble_generate_hands_the_loop_its_sampling_and_device(three_adapters
         search.ensemble_generate(model, ["a", "b"], [0.5, 0.5], ids, torch.ones_like(ids), level=level, do_sample=True)
         kwargs, device = seen[-1]
         assert (kwargs["do_sample"], kwargs["top_k"], kwargs["device"], device) == (True, 50, torch.device("meta"), "meta")
-    assert rows == ["meta", "meta"]     # hidden and logit levels
+    assert rows == ["meta"] * 4         # hidden and logit levels: the encoder (ensemble_encode), then the decoder
     search.ensemble_generate(model, ["a", "b"], [0.5, 0.5], ids, torch.ones_like(ids))
     assert seen[-1][0]["do_sample"] is False and seen[-1][0]["max_new_tokens"] == 64
 
