@@ -207,13 +207,16 @@ def correlation_stage(args, seed, model, tokenizer, scorers, prompts) -> dict:
 
 
 def correlation_table(per_seed: list[dict], names) -> str:
+    """Mean ± std over seeds of each ρ; a seed whose scores were constant (ρ undefined) is left out, and said."""
     pairs = [f"{a}/{b}" for a, b in itertools.combinations(names, 2)]
     lines = ["| generations of | " + " | ".join(f"ρ {p}" for p in pairs) + " |", "|---|" + "---|" * len(pairs)]
     for source in ["base", *names]:
         cells = []
         for pair in pairs:
             values = [c["spearman"][source][pair] for c in per_seed if c["spearman"][source][pair] is not None]
-            cells.append(mean_std(values) if values else "— (constant scores)")
+            partial = f" ({len(values)} of {len(per_seed)} seeds; constant scores in the others)" \
+                if 0 < len(values) < len(per_seed) else ""
+            cells.append(mean_std(values) + partial if values else "— (constant scores)")
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -301,3 +301,13 @@ def test_compare_hoe_and_iterative_rows_and_jobs(assets, tmp_path):
     md = (tmp_path / "two" / "compare.md").read_text()
     assert "| HoE (routed LoRA experts) | meta-policy" in md and "| IterativeRS, w = λ | single-policy" in md
     assert "IterativeRS, w = λ trained at λ = (0.5, 0.5)" in md
+
+
+def test_correlation_table_says_when_a_seed_had_constant_scores():
+    """ρ is undefined on constant scores (None): that seed is left out of the mean, and the cell says so."""
+    def seed(rho):
+        return {"spearman": {source: {"a/b": rho} for source in ("base", "a", "b")}}
+    table = compare.correlation_table([seed(0.5), seed(None), seed(-0.5)], ["a", "b"])
+    assert "| base | 0.0000 ± 0.5000 (2 of 3 seeds; constant scores in the others) |" in table
+    assert "— (constant scores)" in compare.correlation_table([seed(None)], ["a", "b"])
+    assert "of 1 seeds" not in compare.correlation_table([seed(0.25)], ["a", "b"])
