@@ -53,9 +53,9 @@ MODULES = {
                 # Hugging Face and by the error tests, not a stated behaviour of the method
                 ["load_distilbert_classifier", "*.from_dir", "convert_checkpoint", "checkpoint_key", "_unwrap",
                  "load_scorers", "check_vocab", "*.__init__"]),
-    "report": (["tests/test_report.py", "tests/test_search.py"], None,
-               # the SVG figure's drawing (coordinates, colours); test_search checks its structure
-               ["search_svg", "_subpanel", "_colourbar", "colour"]),
+    "report": (["tests/test_report.py", "tests/test_search.py", "tests/test_compare.py"], None,
+               # the SVG figures' drawing (coordinates, colours); test_search and test_compare check their structure
+               ["search_svg", "_subpanel", "_colourbar", "colour", "curves_svg", "fronts_svg", "_axes", "_legend"]),
     "search": (["tests/test_search.py", "tests/test_evaluate.py"], None, []),
     "lora": (["tests/test_lora.py", "tests/test_npz.py", "tests/test_search.py", "tests/test_evaluate.py"], None, []),
     "scst": (["tests/test_scst.py"],
@@ -76,7 +76,10 @@ MODULES = {
 # End-to-end tests in a selected file, deselected: they run emorl.py in subprocesses (mutmut cannot see which
 # function they call) and take over a minute; the file's in-process tests check the same functions.
 DESELECT = ["tests/test_objectives.py::test_add_an_objective_train_it_alone_search_d_2_and_4_evaluate",
-            "tests/test_objectives.py::test_train_all_jobs_end_when_the_command_is_killed"]
+            "tests/test_objectives.py::test_train_all_jobs_end_when_the_command_is_killed",
+            "tests/test_compare.py::test_bad_preference_file_is_one_error_line",
+            "tests/test_compare.py::test_reproduce_and_compare_resume_after_kill_9",
+            "tests/test_compare.py::test_compare_hoe_and_iterative_rows_and_jobs"]
 
 # Surviving mutants that cannot change behaviour: (function, mutated line as mutmut writes it, why).
 # The line is matched after stripping whitespace; "*" wildcards are allowed.

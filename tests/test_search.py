@@ -217,6 +217,26 @@ def test_make_objective_scores_the_decoded_texts(tiny):
     assert seen == list(zip(prompts, texts))  # scorers get the raw prompt and its own response
 
 
+def test_make_objective_encodes_each_chunk_once_for_every_weight_vector(tiny, monkeypatch):
+    """The hidden and logit levels' encoder does not depend on the weights: one ensemble_encode per chunk of
+    prompts for a whole search, and the decodes equal those of a fresh objective (each encoding anew); the
+    parameter level encodes inside its merged model, never through ensemble_encode."""
+    model, ids, mask = tiny
+    prompts = ["i feel sad", "work is hard today", "nothing helps", "hello there you"]
+    scorers = {"length": lambda p, r: torch.tensor([min(len(x) / 40, 1.0) for x in r])}
+    calls, encode = [], search.ensemble_encode
+    monkeypatch.setattr(search, "ensemble_encode", lambda *a: calls.append(a[2].shape[0]) or encode(*a))
+    for level, expected_calls in (("hidden", [3, 1]), ("logit", [3, 1]), ("param", [])):
+        calls.clear()
+        objective = search.make_objective(model, Tok(), ["a", "b", "c"], scorers, prompts, level=level, batch_size=3,
+                                          max_new_tokens=6)
+        got = [objective(w) for w in ([0.0, 1.0, 0.0], [0.5, 0.2, 0.3], [1.0, 0.0, 0.0])]
+        assert calls == expected_calls, level                    # chunk sizes 3 and 1, once each
+        fresh = [search.make_objective(model, Tok(), ["a", "b", "c"], scorers, prompts, level=level, batch_size=3,
+                                       max_new_tokens=6)(w) for w in ([0.0, 1.0, 0.0], [0.5, 0.2, 0.3], [1.0, 0.0, 0.0])]
+        assert got == fresh, level
+
+
 # ----------------------------------------------------------------------------- Algorithm 1
 def cosine_objective(peak, calls=None):
     """Scale-invariant smooth peak: cosine between the direction and `peak` (decoding sees only w/Σw)."""
