@@ -56,7 +56,7 @@ MODULES = {
     "report": (["tests/test_report.py", "tests/test_search.py", "tests/test_compare.py"], None,
                # the SVG figures' drawing (coordinates, colours); test_search and test_compare check their structure
                ["search_svg", "_subpanel", "_colourbar", "colour", "curves_svg", "fronts_svg", "_axes", "_legend"]),
-    "search": (["tests/test_search.py", "tests/test_evaluate.py"], None, []),
+    "search": (["tests/test_search.py", "tests/test_evaluate.py", "tests/test_compare.py"], None, []),  # scalarise: compare's
     "lora": (["tests/test_lora.py", "tests/test_npz.py", "tests/test_search.py", "tests/test_evaluate.py"], None, []),
     "scst": (["tests/test_scst.py"],
              # the pure maths of §4 / SPEC §2 (with the KL's hand-written gradient), the DynaOpt bandit and the

@@ -531,7 +531,7 @@ def test_svg_best_point_follows_algorithm_1_ties():
 def test_parse_weights():
     assert search.parse_weights("0.8,0.5,0.05", 3) == [0.8, 0.5, 0.05]
     assert search.parse_weights(" 1 , 0 ", 2) == [1.0, 0.0]
-    for text, message in [("0.8,x,0.05", "'x' is not a number"), ("0.8,0.5", "expected 3 weights"),
+    for text, message in [("0.8,x,0.05", "^weights '0.8,x,0.05': 'x' is not a number$"), ("0.8,0.5", "expected 3 weights"),
                           ("0.8,-0.5,0.05", "negative"), ("0,0,0", "all weights are zero"),
                           ("0.8,nan,0.1", "not a finite number"), ("0.8,inf,0.1", "not a finite number"), ("", "not a number")]:
         with pytest.raises(InputError, match=message) as e:
