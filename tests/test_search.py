@@ -215,6 +215,9 @@ def test_make_objective_scores_the_decoded_texts(tiny):
     expected = [np.mean([clip(min(len(x) / 40, 1.0)) for x in texts]), np.mean([clip(float("t5" in x.split())) for x in texts])]
     assert 0 < expected[1] < 1 and per == pytest.approx(expected, rel=1e-6) and mean == pytest.approx(sum(expected) / 2)
     assert seen == list(zip(prompts, texts))  # scorers get the raw prompt and its own response
+    weighted = search.make_objective(model, Tok(), ["a", "b", "c"], scorers, prompts, batch_size=3, max_new_tokens=6,
+                                     preference=[0.9, 0.1])([0.0, 1.0, 0.0])
+    assert weighted[1] == per and weighted[0] == pytest.approx(0.9 * per[0] + 0.1 * per[1])   # Σ λ_i s_i, not the mean
 
 
 def test_make_objective_encodes_each_chunk_once_for_every_weight_vector(tiny, monkeypatch):
