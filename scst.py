@@ -297,8 +297,7 @@ def scst_step(model, tokenizer, scorers, optimizer, prompts, weights: dict[str, 
     advantages = scst_advantages(reward.view(len(prompts), k)).view(-1)
     decoder_input_ids = shift_right(tokens, model.config.decoder_start_token_id)
     with torch.no_grad(), reference(model):                # first: a reference may swap weights in place
-        encoded = model.encode(prompt_ids, prompt_mask).repeat_interleave(k, 0)  # no dropout: once per prompt
-        reference_logits = model.logits(model.decode(decoder_input_ids, encoded, attention_mask)[0])
+        reference_logits = model(prompt_ids, prompt_mask, decoder_input_ids, repeat=k)  # no dropout: once per prompt
     adapter_dropout_only(model)
     policy_logits = model(input_ids, attention_mask, decoder_input_ids)
     sampled, kl = token_logprobs_and_kl(policy_logits, reference_logits, tokens)

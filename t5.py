@@ -423,9 +423,12 @@ class T5ForConditionalGeneration(nn.Module):
             return F.linear(hidden, self.shared.weight)
         return self.lm_head(hidden)
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids):
-        """Teacher forcing: logits [B,T,V] for every decoder position."""
-        hidden, _ = self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+    def forward(self, input_ids, attention_mask, decoder_input_ids, repeat=1):
+        """Teacher forcing: logits [B·repeat,T,V] for every decoder position. repeat k (as generate's): each prompt
+        row stands for k adjacent decoder rows, so the encoder runs once per prompt (where no dropout acts, the
+        numbers of encoding every copy)."""
+        encoder_hidden = self.encode(input_ids, attention_mask).repeat_interleave(repeat, 0)
+        hidden, _ = self.decode(decoder_input_ids, encoder_hidden, attention_mask.repeat_interleave(repeat, 0))
         return self.logits(hidden)
 
 

@@ -46,11 +46,9 @@ def policy_input(prompt: str) -> str:
     return prompt + " [SEP] "
 
 
-def encode_prompts(tokenizer, prompts, device="cpu", repeat: int = 1):
-    """(input_ids, attention_mask) of policy_input(prompt), truncated to 128 tokens (SPEC §1);
-    each row repeated `repeat` times in place (SCST's k samples per prompt)."""
-    input_ids, attention_mask = tokenizer.batch_encode([policy_input(p) for p in prompts], max_length=128, device=device)
-    return input_ids.repeat_interleave(repeat, 0), attention_mask.repeat_interleave(repeat, 0)
+def encode_prompts(tokenizer, prompts, device="cpu"):
+    """(input_ids, attention_mask) of policy_input(prompt), truncated to 128 tokens (SPEC §1)."""
+    return tokenizer.batch_encode([policy_input(p) for p in prompts], max_length=128, device=device)
 
 
 # ----------------------------------------------------------------------------- reading

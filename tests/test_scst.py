@@ -343,7 +343,7 @@ def test_sampling_on_merged_weights_draws_what_the_unmerged_policy_draws(tiny):
     model, tokenizer = tiny
     adapted = adapted_copy(model, perturb=True).eval()
     once = scst.encode_prompts(tokenizer, [e.prompt for e in examples(6)], "cpu")
-    ids, mask = scst.encode_prompts(tokenizer, [e.prompt for e in examples(6)], "cpu", repeat=3)
+    ids, mask = (t.repeat_interleave(3, 0) for t in once)       # every copy of every prompt
     before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
     args = make_args(max_new_tokens=12)
     drawn = scst.sample_responses(adapted, *once, args, torch.Generator().manual_seed(5))
